@@ -1,0 +1,41 @@
+"""d3codec: a labelled image dataset in one small `.d3` file, and training batches drawn from it.
+
+Public surface (imports are lazy, so `import d3codec` stays light):
+
+- `load(path) -> D3File`, `save(d3file, path, budget=...)`: the `.d3` format.
+- `D3Dataset(path, batch_size=..., device=..., seed=...)`: training batches from a file.
+- `D3Error`, `D3FormatError`: what bad input raises.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from d3codec._version import __version__
+from d3codec.errors import D3Error
+
+_LAZY = {
+    "load": ("d3codec.format.io", "load"),
+    "save": ("d3codec.format.io", "save"),
+    "D3File": ("d3codec.format.types", "D3File"),
+    "D3FormatError": ("d3codec.format.errors", "D3FormatError"),
+    "D3Dataset": ("d3codec.decode.dataset", "D3Dataset"),
+}
+
+__all__ = ["__version__", "D3Error", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d3codec.decode.dataset import D3Dataset
+    from d3codec.format.errors import D3FormatError
+    from d3codec.format.io import load, save
+    from d3codec.format.types import D3File
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'd3codec' has no attribute {name!r}")

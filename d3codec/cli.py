@@ -1,0 +1,50 @@
+"""The `d3codec` command line: click commands that parse options and call the library.
+
+Every command turns a `D3Error` into one line on stderr (`error: ...`) and exit status 1;
+usage errors exit 2 (click); Ctrl-C exits 130. No traceback reaches the user for bad input.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import click
+
+from d3codec._version import __version__
+from d3codec.errors import D3Error
+
+
+class _Group(click.Group):
+    """A click group that reports `D3Error` as one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except D3Error as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="d3codec")
+def cli() -> None:
+    """d3codec: compress a labelled image dataset into one small .d3 file (D3 distillation),
+    and draw training batches from it.
+
+    \b
+    Typical use:
+      d3codec encode digits --budget 1ipc -o digits.d3   # distil the embedded dataset
+      d3codec info digits.d3                             # what is inside, byte by byte
+      d3codec eval digits.d3 --test digits               # what it is worth
+    """
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="d3codec")
+
+
+# ---- commands are added below, one section per command ----
