@@ -48,3 +48,48 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 # ---- commands are added below, one section per command ----
+
+
+# ---- info, verify: look inside .d3 files (format/) ----
+
+@cli.command("info")
+@click.argument("file", metavar="FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def info_cmd(file: str, as_json: bool) -> None:
+    """Summarise a .d3 file: dataset, priors, decoders, labels, budget, and a byte breakdown
+    whose parts add up exactly to the file size."""
+    import json
+
+    from d3codec.format.io import load
+    from d3codec.format.summary import describe, render
+
+    d3 = load(file)
+    if as_json:
+        click.echo(json.dumps(describe(d3), sort_keys=True))
+    else:
+        click.echo(render(d3, file))
+
+
+@cli.command("verify")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing for valid files.")
+def verify_cmd(files: tuple[str, ...], quiet: bool) -> None:
+    """Check .d3 files fully (checksum, header, every tensor). Exit 0 when all are valid, else
+    exit 1 with one `error: FILE: reason` line per bad file on stderr."""
+    from d3codec.format.io import load
+
+    bad = 0
+    for file in files:
+        try:
+            d3 = load(file)
+        except D3Error as exc:
+            bad += 1
+            message = str(exc)
+            if not message.startswith(f"{file}:"):
+                message = f"{file}: {message}"
+            click.echo(f"error: {message}", err=True)
+        else:
+            if not quiet:
+                click.echo(f"ok: {file} ({d3.file_bytes:,} bytes)")
+    if bad:
+        sys.exit(1)
