@@ -77,7 +77,7 @@ class TensorDecl:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
         if self.scale is not None:
-            out["scale"] = list(self.scale)
+            out["scale"] = [f32_json(v) for v in self.scale]
         if self.zero_point is not None:
             out["zero_point"] = list(self.zero_point)
         if self.axis is not None:
@@ -86,7 +86,12 @@ class TensorDecl:
 
 
 def _f32(x: float) -> float:
-    """`x` rounded to float32, as the Python float with the shortest repr (scales are float32)."""
+    """`x` rounded to float32 (scales are float32), as the Python float of exactly that value."""
+    return float(np.float32(x))
+
+
+def f32_json(x: float) -> float:
+    """The Python float whose repr is the shortest decimal that reads back as float32 `x`."""
     return float(str(np.float32(x)))
 
 

@@ -37,6 +37,7 @@ from d3codec.format.header import (
     canonical_json,
     check_quant,
     check_structure,
+    f32_json,
     header_object,
     parse_header,
     parse_json,
@@ -237,7 +238,7 @@ def size_upper_bound(d3: D3File, budget: BudgetArg = None) -> int:
         offset = _align(offset + raw)
         for decl in decls.values():
             for s in decl.scale or ():
-                slack += max(0, _SCALE_CHARS - len(repr(s)))
+                slack += max(0, _SCALE_CHARS - len(repr(f32_json(s))))
             for z in decl.zero_point or ():
                 slack += max(0, _ZERO_POINT_CHARS - len(str(z)))
     head = len(canonical_json(header_object(plan))) + slack
