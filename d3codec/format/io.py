@@ -279,7 +279,9 @@ def _decode(buf: bytearray, where: str, limits: ReaderLimits) -> D3File:
     fix = "the file is corrupted or was not written by a d3codec writer; re-create it"
     ctx = Ctx(where, fix)
     size = len(buf)
-    if size < len(MAGIC) and MAGIC.startswith(bytes(buf)) and size:
+    if size == 0:
+        raise TruncatedError(f"{where}: file is empty; copy or download it again")
+    if size < len(MAGIC) and MAGIC.startswith(bytes(buf)):
         raise TruncatedError(f"{where}: file is {size} bytes, cut short inside the magic; {fix}")
     if bytes(buf[: len(MAGIC)]) != MAGIC:
         raise BadMagicError(f"{where}: not a .d3 file (wrong magic bytes); give a file written by d3codec")

@@ -77,3 +77,34 @@ def assert_same(a: D3File, b: D3File) -> None:
         if x is not None:
             assert x.raw.dtype == y.raw.dtype and torch.equal(x.raw, y.raw)
             assert (x.scale, x.zero_point, x.axis) == (y.scale, y.zero_point, y.axis)
+
+
+def replace_section(data: bytes, index: int, payload: bytes, codec: str, raw_length: int) -> bytes:
+    """`data` with section `index` replaced by `payload` (stored as `codec`), later sections moved."""
+    _, head, area = split(data)
+    secs = head["sections"]
+    chunks = [area[s["offset"] : s["offset"] + s["length"]] for s in secs]
+    chunks[index] = payload
+    secs[index].update(codec=codec, length=len(payload), raw_length=raw_length)
+    new_area = b""
+    for sec, chunk in zip(secs, chunks):
+        new_area += bytes(-len(new_area) % 8)
+        sec["offset"] = len(new_area)
+        new_area += chunk
+
+    def header(h: dict) -> None:
+        h["sections"] = secs
+
+    return rebuild(data, header=header, area=lambda _: new_area)
+
+
+def section_blob(data: bytes, name: str) -> bytes:
+    """The decompressed safetensors blob of section `name`."""
+    _, head, area = split(data)
+    sec = next(s for s in head["sections"] if s["name"] == name)
+    blob = area[sec["offset"] : sec["offset"] + sec["length"]]
+    if sec["codec"] == "zstd":
+        import zstandard
+
+        blob = zstandard.ZstdDecompressor().decompress(blob)
+    return blob
