@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Mapping, Union
+from typing import Any, Mapping
 
 import torch
 
@@ -18,7 +18,6 @@ from d3codec.format.types import STORAGE_DTYPES
 
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in STORAGE_DTYPES.items()}
 
-Buffer = Union[bytearray, memoryview]
 
 
 def itemsize(dtype: str) -> int:
@@ -47,24 +46,24 @@ def blob_size(specs: list[tuple[str, str, tuple[int, ...]]]) -> int:
     return 8 + len(head) + data
 
 
-def encode(tensors: Mapping[str, torch.Tensor]) -> bytearray:
-    """The canonical safetensors bytes of `tensors` (CPU, any layout; names sorted)."""
+def encode_parts(tensors: Mapping[str, torch.Tensor]) -> list:
+    """The canonical safetensors bytes of `tensors` as buffers to concatenate, without copying
+    tensor data (contiguous CPU tensors are viewed in place; others are copied once)."""
     from d3codec.format.types import dtype_name
 
     specs = [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
-    head, data = _header(specs)
-    out = bytearray(8 + len(head) + data)
-    out[:8] = struct.pack("<Q", len(head))
-    out[8 : 8 + len(head)] = head
-    pos = 8 + len(head)
+    head, _ = _header(specs)
+    parts: list = [struct.pack("<Q", len(head)) + head]
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)
-        if t.numel() == 0:
-            continue
-        raw = t.view(torch.uint8).numpy()
-        out[pos : pos + raw.nbytes] = memoryview(raw)
-        pos += raw.nbytes
-    return out
+        if t.numel():
+            parts.append(memoryview(t.view(torch.uint8).numpy()))
+    return parts
+
+
+def encode(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The canonical safetensors bytes of `tensors` (CPU, any layout; names sorted)."""
+    return b"".join(encode_parts(tensors))
 
 
 def _strict_object(pairs: list) -> dict:
@@ -77,14 +76,15 @@ def _strict_object(pairs: list) -> dict:
 
 
 def decode(
-    buf: bytearray,
+    buf: Any,
     start: int,
     length: int,
     expected: Mapping[str, tuple[str, tuple[int, ...]]],
     where: str,
     max_header: int,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of the safetensors blob `buf[start:start+length]`, as views into `buf` where aligned.
+    """Tensors of the safetensors blob `buf[start:start+length]` (a writable buffer: bytearray or
+    copy-on-write mmap), as views into `buf` where aligned.
 
     The blob must hold exactly the `expected` names with those dtypes and shapes, with data
     offsets that tile the data area in order; anything else raises a `D3FormatError` subclass.

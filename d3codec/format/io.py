@@ -7,6 +7,7 @@ spec gives and raises only `D3FormatError` subclasses on bad bytes.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
@@ -60,6 +61,9 @@ LEVEL_SMALL, LEVEL_LARGE = 19, 9
 #: Widest JSON text of a float32 scale (e.g. 1234567900000000.0) and of an I8/U8 zero point.
 _SCALE_CHARS, _ZERO_POINT_CHARS = 18, 4
 
+#: Section storage choices of the writer: zstd when smaller ("auto") or always raw ("none").
+COMPRESSION = ("auto", "none")
+
 PathLike = Union[str, os.PathLike]
 BudgetArg = Union[Budget, int, None]
 
@@ -110,8 +114,10 @@ def _header_bytes(plan: Plan) -> tuple[int, bytes, int]:
     return 0, raw, len(raw)
 
 
-def _encode(d3: D3File, budget: BudgetArg) -> tuple[list, dict[str, int], D3File]:
+def _encode(d3: D3File, budget: BudgetArg, compression: str = "auto") -> tuple[list, dict[str, int], D3File]:
     """The file as a list of byte buffers, its breakdown, and the D3File it encodes."""
+    if compression not in COMPRESSION:
+        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
     d3 = _resolve_budget(d3, budget)
     plan, tensors = _writer_plan(d3)
     try:
@@ -122,13 +128,17 @@ def _encode(d3: D3File, budget: BudgetArg) -> tuple[list, dict[str, int], D3File
     payloads = []
     offset = 0
     for name, stored in tensors.items():
-        raw = _safetensors.encode({k: v.raw for k, v in stored.items()})
-        packed = _zstd.compress(raw, LEVEL_SMALL if len(raw) <= SMALL_SECTION else LEVEL_LARGE)
-        codec, data = ("zstd", packed) if len(packed) < len(raw) else ("none", raw)
+        raw = _safetensors.encode_parts({k: v.raw for k, v in stored.items()})
+        raw_length = sum(len(part) for part in raw)
+        codec, data, length = "none", raw, raw_length
+        if compression == "auto":
+            packed = _zstd.compress(b"".join(raw), LEVEL_SMALL if raw_length <= SMALL_SECTION else LEVEL_LARGE)
+            if len(packed) < raw_length:
+                codec, data, length = "zstd", [packed], len(packed)
         offset = _align(offset)
-        plan.sections.append({"name": name, "codec": codec, "offset": offset, "length": len(data), "raw_length": len(raw)})
+        plan.sections.append({"name": name, "codec": codec, "offset": offset, "length": length, "raw_length": raw_length})
         payloads.append(data)
-        offset += len(data)
+        offset += length
     codec, head, head_raw = _header_bytes(plan)
     data_start = _align(PRELUDE_SIZE + len(head))
     file_length = data_start + offset + TRAILER_SIZE
@@ -137,8 +147,8 @@ def _encode(d3: D3File, budget: BudgetArg) -> tuple[list, dict[str, int], D3File
     pos = 0
     for sec, data in zip(plan.sections, payloads):
         parts.append(bytes(sec["offset"] - pos))
-        parts.append(data)
-        pos = sec["offset"] + len(data)
+        parts.extend(data)
+        pos = sec["offset"] + sec["length"]
     crc = 0
     for part in parts:
         crc = zlib.crc32(part, crc)
@@ -168,22 +178,24 @@ def _over_budget(d3: D3File, size: int, breakdown: dict[str, int]) -> None:
         )
 
 
-def dumps(d3: D3File, budget: BudgetArg = None) -> bytes:
+def dumps(d3: D3File, budget: BudgetArg = None, *, compression: str = "auto") -> bytes:
     """The bytes of `d3` as a `.d3` file (same input, same bytes); over budget -> `OverBudgetError`."""
-    parts, breakdown, d3 = _encode(d3, budget)
+    parts, breakdown, d3 = _encode(d3, budget, compression)
     data = b"".join(parts)
     _over_budget(d3, len(data), breakdown)
     return data
 
 
-def save(d3: D3File, path: PathLike, budget: BudgetArg = None) -> int:
+def save(d3: D3File, path: PathLike, budget: BudgetArg = None, *, compression: str = "auto") -> int:
     """Write `d3` to `path` atomically and return its size in bytes.
 
     `budget` (a `Budget`, a byte count, or None for `d3.budget`) is recorded in the file; a file
     over it is refused with `OverBudgetError` and nothing is written. The file appears whole or
     not at all: it is written to a temporary file in the same folder, then renamed.
+    `compression="auto"` stores each section as zstd when that is smaller; `"none"` stores all
+    sections raw (bigger file, loads at memory speed: no decompression).
     """
-    parts, breakdown, d3 = _encode(d3, budget)
+    parts, breakdown, d3 = _encode(d3, budget, compression)
     size = sum(len(p) for p in parts)
     _over_budget(d3, size, breakdown)
     target = Path(path)
@@ -213,9 +225,9 @@ def save(d3: D3File, path: PathLike, budget: BudgetArg = None) -> int:
     return size
 
 
-def encoded_size(d3: D3File, budget: BudgetArg = None) -> int:
+def encoded_size(d3: D3File, budget: BudgetArg = None, *, compression: str = "auto") -> int:
     """Exact size in bytes `save(d3, path, budget)` would write (compresses, so not free)."""
-    parts, _, _ = _encode(d3, budget)
+    parts, _, _ = _encode(d3, budget, compression)
     return sum(len(p) for p in parts)
 
 
@@ -247,24 +259,32 @@ def size_upper_bound(d3: D3File, budget: BudgetArg = None) -> int:
 
 # ================================================================ reading
 
-def load(path: PathLike, *, limits: ReaderLimits = DEFAULT_LIMITS) -> D3File:
-    """Read and validate a `.d3` file; tensors share one buffer holding the file's bytes.
+def load(path: PathLike, *, limits: ReaderLimits = DEFAULT_LIMITS, memory_map: bool = True) -> D3File:
+    """Read and validate a `.d3` file; bad bytes raise a `D3FormatError` subclass.
 
-    Bad bytes raise a `D3FormatError` subclass; an unreadable path raises `FileAccessError`.
-    The returned `D3File` has `file_bytes` and `breakdown` (part -> bytes) filled in.
+    The returned `D3File` has `file_bytes` and `breakdown` (part -> bytes) filled in. With
+    `memory_map` (the default) the file is mapped copy-on-write and raw sections become tensors
+    without a copy (the CRC pass has already paged them in); writing to them never touches the
+    file. Do not modify the file in place while its tensors are alive (d3codec's own writer
+    replaces files atomically, which is safe); pass `memory_map=False` to read it into memory.
+    An unreadable path raises `FileAccessError`.
     """
     p = Path(path)
     try:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)
-            got = f.readinto(buf) if size else 0
+            if memory_map and size:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                got = len(buf)
+            else:
+                buf = bytearray(size)
+                got = f.readinto(buf) if size else 0
     except FileNotFoundError:
         raise FileAccessError(f"{p}: no such file; check the path") from None
     except IsADirectoryError:
         raise FileAccessError(f"{p}: is a folder, not a .d3 file; give the path of a .d3 file") from None
-    except OSError as exc:
-        raise FileAccessError(f"{p}: cannot read ({exc.strerror or exc}); check the path and permissions") from None
+    except (OSError, ValueError) as exc:
+        raise FileAccessError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc}); check the path and permissions") from None
     if got != size:
         raise TruncatedError(f"{p}: file changed size while being read; read it again when it is complete")
     return _decode(buf, str(p), limits)
@@ -275,7 +295,7 @@ def loads(data: Union[bytes, bytearray, memoryview], *, limits: ReaderLimits = D
     return _decode(bytearray(data), "<bytes>", limits)
 
 
-def _decode(buf: bytearray, where: str, limits: ReaderLimits) -> D3File:
+def _decode(buf: Union[bytearray, mmap.mmap], where: str, limits: ReaderLimits) -> D3File:
     fix = "the file is corrupted or was not written by a d3codec writer; re-create it"
     ctx = Ctx(where, fix)
     size = len(buf)

@@ -197,3 +197,12 @@ def test_loaded_tensors_are_writable_and_independent_of_input():
 def test_bad_budget_argument():
     with pytest.raises(BudgetError):
         dumps(random_d3(0), budget="2ipc")
+
+
+def test_compression_none_stores_every_section_raw():
+    d3 = random_d3(3, decoders=2, labels="topk")
+    data = dumps(d3, compression="none")
+    _, head, _ = split(data)
+    assert {s["codec"] for s in head["sections"]} == {"none"}
+    assert_same(loads(data), d3)
+    assert len(data) >= len(dumps(d3)) and len(data) <= size_upper_bound(d3)
