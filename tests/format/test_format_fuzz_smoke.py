@@ -8,4 +8,4 @@ def test_fuzz_harness_short_run():
     spec = importlib.util.spec_from_file_location("fuzz_load", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.run(seconds=0, examples=3000, seed=1) == 0
+    assert module.run(seconds=0, examples=1500, seed=1) == 0

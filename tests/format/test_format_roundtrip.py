@@ -206,3 +206,16 @@ def test_compression_none_stores_every_section_raw():
     assert {s["codec"] for s in head["sections"]} == {"none"}
     assert_same(loads(data), d3)
     assert len(data) >= len(dumps(d3)) and len(data) <= size_upper_bound(d3)
+
+
+def test_memory_mapped_load_is_private_and_equals_read(tmp_path):
+    d3 = random_d3(9, decoders=2, labels="dense", dtype="F16")
+    path = tmp_path / "m.d3"
+    save(d3, path, compression="none")
+    before = path.read_bytes()
+    mapped, read = load(path), load(path, memory_map=False)
+    assert_same(mapped, read)
+    assert_same(mapped, d3)
+    mapped.decoders[0].weights["fc.weight"].raw.fill_(7)  # copy-on-write: the file is untouched
+    assert path.read_bytes() == before
+    assert load(path).decoders[0].weights["fc.weight"].raw.equal(d3.decoders[0].weights["fc.weight"].raw)
