@@ -93,3 +93,154 @@ def verify_cmd(files: tuple[str, ...], quiet: bool) -> None:
                 click.echo(f"ok: {file} ({d3.file_bytes:,} bytes)")
     if bad:
         sys.exit(1)
+
+
+# ---- experts, eval: expert trajectories and what a file is worth (data/, encode/experts, evaluate/) ----
+
+def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
+    """`0,1,2` or `0-4` or `0-4,7` -> class ids."""
+    if not text:
+        return None
+    from d3codec.errors import ConfigError
+
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise ConfigError(f"cannot read --classes {text!r}; write ids like 0,1,2 or ranges like 0-4") from None
+    return out
+
+
+def _open_split(spec: str, split: str, data_dir: Optional[str], resolution: Optional[int],
+                skip_bad_images: bool, cache_dir: Optional[str], quiet: bool) -> Any:
+    from d3codec.data import open_dataset
+
+    ds = open_dataset(spec, data_dir=data_dir, split=split, resolution=resolution,
+                      skip_bad_images=skip_bad_images, cache_dir=cache_dir, progress=not quiet)
+    if ds.skipped_images and not quiet and split == "train":
+        names = ds.skipped_images
+        click.echo(f"skipped {len(names)} unreadable image(s): {', '.join(names[:5])}"
+                   + (" ..." if len(names) > 5 else ""), err=True)
+    return ds
+
+
+def _data_options(f: Any) -> Any:
+    for option in reversed([
+        click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with a builtin dataset's files."),
+        click.option("--resolution", type=int, help="Resize images to N x N (default: native size)."),
+        click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images instead of stopping."),
+        click.option("--cache-dir", type=click.Path(file_okay=False),
+                     help="Cache folder (default: $D3CODEC_CACHE or ~/.cache/d3codec)."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command("experts")
+@click.argument("dataset", metavar="DATASET")
+@_data_options
+@click.option("--experts", "num_experts", type=int, default=5, show_default=True, help="Number of experts.")
+@click.option("--expert-epochs", "epochs", type=int, default=10, show_default=True, help="Epochs per expert.")
+@click.option("--classes", help="Train on a class subset (subtask), e.g. 0-4 or 0,3,7.")
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--batch", "batch_size", type=int, default=256, show_default=True)
+@click.option("--momentum", type=float, default=0.0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--no-augment", is_flag=True, help="Train without DSA.")
+@click.option("--width", type=int, default=128, show_default=True, help="ConvNet width.")
+@click.option("--depth", type=int, help="ConvNet depth (default: from the resolution).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int], skip_bad_images: bool,
+                cache_dir: Optional[str], num_experts: int, epochs: int, classes: Optional[str], lr: float,
+                batch_size: int, momentum: float, weight_decay: float, no_augment: bool, width: int,
+                depth: Optional[int], seed: int, device: str, as_json: bool, quiet: bool) -> None:
+    """Train ConvNet experts on DATASET's train split and save every epoch's parameters
+    (the trajectories distillation matches). Cached by data, classes and settings; an
+    interrupted run resumes. Reports each expert's accuracy on the test split."""
+    import json
+
+    import numpy as np
+
+    from d3codec.encode.experts import ensure_experts
+
+    train = _open_split(dataset, "train", data_dir, resolution, skip_bad_images, cache_dir, quiet)
+    test = _open_split(dataset, "test", data_dir, resolution, skip_bad_images, cache_dir, True)
+    experts = ensure_experts(train, num_experts=num_experts, epochs=epochs, classes=_parse_classes(classes),
+                             seed=seed, lr=lr, batch_size=batch_size, momentum=momentum,
+                             weight_decay=weight_decay, augment=not no_augment, width=width, depth=depth,
+                             cache_dir=cache_dir, device=device, test_dataset=test, progress=not quiet)
+    rows = experts.report()
+    accs = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
+    if as_json:
+        click.echo(json.dumps({"path": experts.path, "dataset": train.name, "classes": experts.classes,
+                               "num_experts": experts.num_experts, "epochs": experts.num_epochs,
+                               "num_params": experts.num_params, "experts": rows}, sort_keys=True))
+        return
+    click.echo(f"{experts.num_experts} experts x {experts.num_epochs} epochs on {train.name} "
+               f"({len(experts.classes)} classes, {experts.num_params:,} parameters) in {experts.path}")
+    for r in rows:
+        acc = "n/a" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
+        click.echo(f"  expert {r['expert']}: held-out accuracy {acc}")
+    if accs:
+        held = " (held out of the source's training images)" if test.test_held_out else ""
+        click.echo(f"  mean {100 * np.mean(accs):.2f}% +- {100 * np.std(accs):.2f} on {len(test):,} test images{held}")
+
+
+@cli.command("eval")
+@click.argument("file", required=False, metavar="FILE")
+@click.option("--test", "test_spec", required=True, metavar="DATASET", help="Dataset whose test split is scored.")
+@click.option("--baseline", type=click.Choice(["random", "png", "jpeg", "webp"]),
+              help="Evaluate random real images at --budget bytes instead of a FILE.")
+@click.option("--train", "train_spec", metavar="DATASET", help="Dataset the baseline draws from (its train split).")
+@click.option("--budget", help="Baseline byte budget: 2ipc, 2ipc-u8, 31360, 500KB, 1.5MiB.")
+@click.option("--quality", type=int, help="JPEG/WebP quality of the baseline (default 90).")
+@_data_options
+@click.option("--model", type=click.Choice(["convnet", "resnet18"]), default="convnet", show_default=True)
+@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--batch", "batch_size", type=int, default=256, show_default=True)
+@click.option("--no-augment", is_flag=True, help="Train without DSA.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train_spec: Optional[str],
+             budget: Optional[str], quality: Optional[int], data_dir: Optional[str], resolution: Optional[int],
+             skip_bad_images: bool, cache_dir: Optional[str], model: str, epochs: int, runs: int, lr: float,
+             batch_size: int, no_augment: bool, seed: int, device: str, as_json: bool, quiet: bool) -> None:
+    """Train fresh networks only on FILE (a .d3) and report final top-1 accuracy on the real
+    test split (mean, std over runs) beside storage and compute; or, with --baseline, the same
+    for random real images that fit in --budget bytes (uint8, PNG, JPEG or WebP)."""
+    from d3codec.errors import ConfigError
+    from d3codec.evaluate import Recipe, evaluate_baseline, evaluate_file, render, to_json
+
+    recipe = Recipe(model=model, epochs=epochs, runs=runs, lr=lr, batch_size=batch_size,
+                    augment=not no_augment, seed=seed)
+    recipe.validate()
+    if baseline is None:
+        if file is None:
+            raise ConfigError("give a .d3 FILE to evaluate, or --baseline with --train and --budget")
+        if train_spec or budget or quality is not None:
+            raise ConfigError("--train, --budget and --quality go with --baseline; leave them out for a FILE")
+        test = _open_split(test_spec, "test", data_dir, resolution, skip_bad_images, cache_dir, quiet)
+        report = evaluate_file(file, test, recipe, device=device, progress=not quiet)
+    else:
+        if file is not None:
+            raise ConfigError("give either a FILE or --baseline, not both")
+        if not train_spec or not budget:
+            raise ConfigError("--baseline needs --train DATASET and --budget B (e.g. 10ipc or 31360)")
+        from d3codec.format.budget import parse_budget
+
+        train = _open_split(train_spec, "train", data_dir, resolution, skip_bad_images, cache_dir, quiet)
+        test = _open_split(test_spec, "test", data_dir, resolution, skip_bad_images, cache_dir, quiet)
+        nbytes = parse_budget(budget, train.num_classes, train.image_shape).bytes
+        report = evaluate_baseline(baseline, train, test, nbytes, recipe, quality=quality, device=device,
+                                   progress=not quiet)
+        report["storage"]["budget_spec"] = budget
+    click.echo(to_json(report) if as_json else render(report))
