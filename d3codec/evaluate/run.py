@@ -24,11 +24,12 @@ def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Un
     The file's soft labels are used where it has them. Test images are normalised with the
     file's mean and std, so both sides share one pixel space.
     """
-    from d3codec.decode.dataset import D3Dataset
     from d3codec.format.io import load
 
     recipe.validate()
     d3 = load(path)
+    from d3codec.decode.dataset import D3Dataset
+
     meta = d3.metadata
     if meta.num_classes != test.num_classes or tuple(meta.image_shape) != tuple(test.image_shape):
         raise ConfigError(
