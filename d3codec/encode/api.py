@@ -1,0 +1,175 @@
+"""`encode(dataset, budget, output, options) -> D3File`: plan, train experts, distil, label, write.
+
+The Python form of `d3codec encode`. It takes a class subset and a byte budget (a share, for
+federated subtasks) and writes a valid `.d3` file for those classes (its metadata lists exactly
+them, in the given order; `provenance["classes"]` keeps their global ids).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from d3codec._version import __version__
+from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults
+from d3codec.encode.labels import LabelStorage, store_labels, teacher_probs
+from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
+from d3codec.errors import ConfigError
+from d3codec.format.types import Budget, D3File, DecoderEntry
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class EncodeOptions:
+    """Everything `encode` needs besides the data, the budget and the output path."""
+
+    objective: str = "auto"              # auto: mtt+mmd on CUDA, mmd on CPU (measured: see RESULTS.md)
+    iterations: Optional[int] = None     # None: the device's default
+    seed: int = 0
+    device: str = "cpu"
+    classes: Optional[Sequence[int]] = None
+    resume: bool = False
+    checkpoint_every: int = 100
+    dry_run: bool = False
+    quiet: bool = False
+    weight_dtype: str = "I8"
+    latent_dtype: str = "F16"
+    labels: str = "auto"                 # auto | soft | hard
+    latents_per_class: Optional[int] = None
+    latent_dim: Optional[int] = None
+    width: Optional[int] = None
+    num_experts: Optional[int] = None
+    expert_epochs: Optional[int] = None
+    cache_dir: Optional[str] = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields
+
+    def distill_config(self) -> DistillConfig:
+        """The loop settings: the paper's on CUDA, `cpu_defaults` on CPU, then the overrides."""
+        cuda = str(self.device).startswith("cuda")
+        objective = self.objective if self.objective != "auto" else ("mtt+mmd" if cuda else "mmd")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be auto or one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        cfg = DistillConfig(objective=objective) if cuda else cpu_defaults(objective)
+        cfg = replace(cfg, seed=self.seed, **self.overrides)
+        if self.iterations is not None:
+            cfg = replace(cfg, iterations=self.iterations)
+        cfg.validate()
+        return cfg
+
+    def expert_settings(self, cfg: DistillConfig) -> tuple[int, int]:
+        """(experts, epochs): enough epochs for the trajectories MTT samples, fewer when only MMD runs."""
+        cuda = str(self.device).startswith("cuda")
+        needs = cfg.max_start_epoch + cfg.expert_epochs if "mtt" in cfg.objective else 0
+        n = self.num_experts or (20 if cuda else (4 if "mtt" in cfg.objective else 1))
+        e = self.expert_epochs or max(needs if cuda else min(needs, 6), 3 if cuda else 2)
+        return n, e
+
+
+def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int], dataset: Any,
+                experts: tuple[int, int]) -> dict[str, Any]:
+    """What made the file: fixed before training (it counts in the planned header)."""
+    prov: dict[str, Any] = {"encoder": f"d3codec {__version__}", "seed": options.seed, "objective": cfg.objective,
+                            "iterations": cfg.iterations, "experts": list(experts)}
+    if options.classes is not None:
+        prov["classes"] = [int(c) for c in classes]
+    return prov
+
+
+def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions
+             ) -> tuple[Plan, DistillConfig, Any, dict[str, Any]]:
+    """Resolve classes, budget and settings: the plan, the loop config, the class view, the provenance."""
+    from d3codec.format.budget import parse_budget
+
+    all_classes = list(dataset.classes)
+    classes = all_classes if options.classes is None else [int(c) for c in options.classes]
+    real = dataset if options.classes is None else dataset.subset(classes)
+    metadata = real.metadata()
+    if isinstance(budget, Budget):
+        b = budget
+    else:
+        b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
+    cfg = options.distill_config()
+    experts = options.expert_settings(cfg)
+    prov = _provenance(options, cfg, classes, dataset, experts)
+    plan = plan_budget(metadata, b, provenance=prov, latents_per_class=options.latents_per_class,
+                       latent_dim=options.latent_dim, width=options.width, weight_dtype=options.weight_dtype,
+                       latent_dtype=options.latent_dtype, labels=options.labels)
+    return plan, cfg, real, prov
+
+
+def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
+           options: Optional[EncodeOptions] = None, log: Optional[Log] = None) -> Union[D3File, Plan]:
+    """Distil `dataset` (an `ImageDataset` train split) into a `.d3` file at `output`.
+
+    Returns the written `D3File` (as `load` would read it), or the `Plan` with `dry_run`.
+    """
+    options = options or EncodeOptions()
+    say: Log = log or (lambda s: None if options.quiet else print(s, file=sys.stderr))
+    plan, cfg, real, prov = plan_for(dataset, budget, options)
+    say(plan.summary())
+    say(f"objective {cfg.objective}, {cfg.iterations} iterations, seed {cfg.seed}, device {options.device}")
+    if options.dry_run:
+        return plan
+    if output is None:
+        raise ConfigError("give an output file with -o/--output (or use --dry-run)")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"output folder {out_dir} does not exist; create it or choose another -o path")
+    torch.manual_seed(cfg.seed)  # nothing should use the global RNG; this pins anything that does
+
+    from d3codec.encode.experts import ensure_experts
+
+    n_exp, n_ep = options.expert_settings(cfg)
+    say(f"experts: {n_exp} x {n_ep} epochs (cached after the first run)")
+    experts = ensure_experts(dataset, num_experts=n_exp, epochs=n_ep,
+                             classes=None if options.classes is None else real.classes,
+                             seed=cfg.seed, cache_dir=options.cache_dir, device=options.device,
+                             progress=not options.quiet)
+    distiller = Distiller(plan, real.metadata(), real, experts, cfg, device=options.device)
+    from d3codec.encode.loop import run_loop
+
+    run_loop(distiller, output + ".ckpt", plan, resume=options.resume,
+             checkpoint_every=options.checkpoint_every, quiet=options.quiet)
+    d3 = export(distiller, plan, real, experts, prov, device=options.device)
+    from d3codec.format.errors import OverBudgetError
+    from d3codec.format.io import load, save
+
+    try:
+        size = save(d3, output, plan.budget)
+    except OverBudgetError:
+        if plan.guaranteed or d3.labels.kind == "hard":
+            raise
+        # Only estimated plans (tiny budgets) can land here: drop the soft labels to fit.
+        say("the file came out over the estimate: storing hard labels instead of soft ones")
+        size = save(d3.replace(labels=store_labels(torch.zeros(0), LabelStorage("hard"))), output, plan.budget)
+    try:
+        os.unlink(output + ".ckpt")
+    except OSError:
+        pass
+    say(f"wrote {output}: {size:,} bytes ({100.0 * size / plan.budget.bytes:.1f}% of the budget)")
+    return load(output)
+
+
+@torch.no_grad()
+def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance: dict[str, Any],
+           device: str = "cpu") -> D3File:
+    """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes."""
+    from d3codec.models.registry import export_state
+
+    mean_images = distiller.mean_images()
+    labels = store_labels(torch.zeros(0), plan.labels) if plan.labels.kind == "hard" else None
+    if labels is None:
+        teacher = experts.teacher(device=device)
+        labels = store_labels(teacher_probs(teacher, mean_images).cpu(), plan.labels)
+    state = export_state(distiller.decoder)
+    weights = store_decoder_state({k: v.detach().cpu() for k, v in state.items()}, plan.weight_dtype)
+    classes = list(range(len(real.classes)))
+    metadata = real.metadata()
+    priors = store_priors(distiller.mean.detach().cpu(), distiller.logvar.detach().cpu(), plan.latent_dtype)
+    return D3File(metadata=metadata, priors=priors,
+                  decoders=[DecoderEntry(plan.family, plan.version, plan.hparams, classes, weights)],
+                  labels=labels, budget=plan.budget, provenance=provenance)

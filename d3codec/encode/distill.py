@@ -1,0 +1,341 @@
+"""The D3 distillation loop: K Gaussian latents per class and a decoder, trained jointly.
+
+Objective per iteration (`objective`): `mmd` (RBF-mixture MMD between expert features of decoded
+samples and of real images of the same class, Siamese DSA), `mtt` (trajectory matching from a
+random expert epoch, unrolled in constant activation memory, learnable step size), or
+`mtt+mmd` (both, as the paper). Decoded values v in [-1, 1] become pixels p = (v + 1) / 2 and
+then (p - mean) / std, the space real images live in, before any network sees them.
+
+The decoder's BatchNorm uses batch statistics while it trains; for the final phase (`final_fraction`
+of the iterations) its statistics are calibrated over a large draw of the priors and frozen (eval
+mode), and its weights are fake-quantised to their storage dtype (quantisation-aware training), so
+what the last iterations optimise is exactly what the file stores and decoding never depends on
+batch-mates. Every random draw comes from one `torch.Generator`, checkpointed with the state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from d3codec.encode.mmd import DEFAULT_SIGMAS, mmd2_unbiased
+from d3codec.encode.planner import Plan, tensor_dtype
+from d3codec.encode.unroll import trajectory_match
+from d3codec.errors import ConfigError
+from d3codec.format.types import Metadata
+
+OBJECTIVES = ("mmd", "mtt", "mtt+mmd")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of the distillation loop (paper defaults on GPU; `cpu_defaults` for minutes on CPU)."""
+
+    objective: str = "mtt+mmd"
+    iterations: int = 10000
+    seed: int = 0
+    samples_per_class: int = 32      # decoded samples per class per MMD update
+    real_per_class: int = 30         # real images per class per MMD update
+    syn_steps: int = 10
+    expert_epochs: int = 2
+    max_start_epoch: int = 27
+    unroll_batch: int = 200          # decoded images per unroll step
+    unroll: str = "exact"
+    lr_latents: float = 3e-4
+    lr_decoder: float = 3e-4
+    lr_lr: float = 1e-6
+    init_lr: float = 1e-2
+    mmd_weight: float = 1.0
+    augment: bool = True
+    final_fraction: float = 0.1      # last share of iterations: frozen BN statistics + fake quantisation
+    calibration_samples: int = 4096
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if self.iterations < 1:
+            raise ConfigError(f"--iterations must be at least 1, got {self.iterations}")
+        if self.samples_per_class < 2 or self.real_per_class < 2:
+            raise ConfigError("MMD needs at least 2 decoded and 2 real samples per class")
+        if not 0.0 <= self.final_fraction <= 1.0:
+            raise ConfigError(f"final_fraction must be in [0, 1], got {self.final_fraction}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_defaults(objective: str = "mmd") -> DistillConfig:
+    """Settings that finish in minutes on a 2-core CPU (the `mmd` objective is the cheap one)."""
+    return DistillConfig(objective=objective, iterations=400, samples_per_class=24, real_per_class=24,
+                         syn_steps=10, unroll_batch=50, lr_latents=3e-3, lr_decoder=2e-3, lr_lr=1e-6,
+                         init_lr=1e-2, final_fraction=0.15, calibration_samples=2048)
+
+
+class Distiller:
+    """Trainable state (latents, decoder, step size), one `step()` per iteration, export to tensors.
+
+    `real` is the `ImageDataset` of the classes distilled (labels 0..n-1); `experts` an
+    `encode.experts.ExpertSet` trained on the same classes (`build_model`, `flat_at(i, epoch)`).
+    """
+
+    def __init__(self, plan: Plan, metadata: Metadata, real: Any, experts: Any, config: DistillConfig,
+                 device: str | torch.device = "cpu") -> None:
+        from d3codec.models.registry import build_decoder
+
+        config.validate()
+        self.plan, self.metadata, self.real, self.experts, self.config = plan, metadata, real, experts, config
+        self.device = torch.device(device)
+        from d3codec.augment import DSA
+
+        self.augment = DSA() if config.augment else None
+        self.num_classes = len(real.classes)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        n, k, d = self.num_classes, plan.latents_per_class, plan.latent_dim
+        self.decoder = build_decoder(plan.family, plan.version, plan.hparams)
+        _init_module(self.decoder, self.generator)
+        self.decoder.to(self.device)
+        self.mean = nn.Parameter(torch.randn(n, k, d, generator=self.generator).to(self.device))
+        self.logvar = nn.Parameter(torch.zeros(n, k, d, device=self.device))
+        self.syn_lr = nn.Parameter(torch.tensor(config.init_lr, device=self.device))
+        self.opt_latents = torch.optim.SGD([self.mean, self.logvar], lr=config.lr_latents, momentum=0.5)
+        self.opt_decoder = torch.optim.Adam(self.decoder.parameters(), lr=config.lr_decoder, weight_decay=1e-5)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=0.5)
+        self.iteration = 0
+        self.frozen = False
+        self.last: dict[str, float] = {}
+        pix_mean = torch.tensor(metadata.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        pix_std = torch.tensor(metadata.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._pix = (pix_mean, pix_std)
+        self._real_index = [torch.from_numpy(real.indices_of_class(c)) for c in range(n)]
+        self.net = experts.build_model().to(self.device)
+        self._features = _FeatureView(self.net)
+        self._flat_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- decoding
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [B, D] -> normalised images [B, C, H, W], in the real images' space."""
+        if self.frozen and self.plan.weight_dtype == "I8":
+            params = {name: _fake_quant(p, self.plan.weight_dtype) for name, p in self.decoder.named_parameters()}
+            v = functional_call(self.decoder, {**params, **dict(self.decoder.named_buffers())}, (z,))
+        else:
+            v = self.decoder(z)
+        lo, hi = self.metadata.value_range
+        pixels = (v - lo) / (hi - lo)
+        return (pixels - self._pix[0]) / self._pix[1]
+
+    def sample_latents(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`per_class` draws per class, spread evenly over its K components: (z [B, D], labels [B])."""
+        n, k, d = self.mean.shape
+        comp = torch.arange(per_class) % k
+        eps = torch.randn(n, per_class, d, generator=self.generator).to(self.device)
+        mu = self.mean[:, comp]
+        sd = torch.exp(0.5 * self.logvar[:, comp])
+        z = (mu + sd * eps).reshape(n * per_class, d)
+        labels = torch.arange(n, device=self.device).repeat_interleave(per_class)
+        return z, labels
+
+    def _expert(self, i: int, epoch: int) -> torch.Tensor:
+        key = (i, epoch)
+        if key not in self._flat_cache:
+            if len(self._flat_cache) > 256:
+                self._flat_cache.clear()
+            self._flat_cache[key] = self.experts.flat_at(i, epoch).to(self.device)
+        return self._flat_cache[key]
+
+    def _aug(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.augment is None:
+            return x
+        return self.augment(x, torch.Generator().manual_seed(seed))
+
+    def _siamese(self, syn: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same augmentation parameters on both batches (drawn for the larger; the other uses a prefix)."""
+        if self.augment is None:
+            return syn, real
+        params = self.augment.sample(syn if syn.shape[0] >= real.shape[0] else real,
+                                     torch.Generator().manual_seed(self._seed()))
+        return self.augment.apply(syn, params), self.augment.apply(real, params)
+
+    def _seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+    # ---------------------------------------------------------------- objectives
+    def _mmd_loss(self) -> torch.Tensor:
+        cfg = self.config
+        e = int(torch.randint(self.experts.num_experts, (1,), generator=self.generator))
+        flat = self._expert(e, self.experts.num_epochs)
+        feat_params = {f"net.{k}": v for k, v in _named(self.net, flat).items()}
+        z, labels = self.sample_latents(cfg.samples_per_class)
+        syn = self.decode(z)
+        total = syn.new_zeros(())
+        for c in range(self.num_classes):
+            pool = self._real_index[c]
+            pick = pool[torch.randperm(len(pool), generator=self.generator)[:cfg.real_per_class]]
+            real = self.real.batch(pick.numpy(), self.device)
+            xs, xr = self._siamese(syn[labels == c], real)
+            fs = functional_call(self._features, feat_params, (xs,))
+            with torch.no_grad():
+                fr = functional_call(self._features, feat_params, (xr,))
+            total = total + mmd2_unbiased(fs, fr, DEFAULT_SIGMAS)
+        return total
+
+    def _mtt(self) -> float:
+        """One trajectory-matching update's gradients (accumulated into .grad); returns the loss."""
+        cfg = self.config
+        e = int(torch.randint(self.experts.num_experts, (1,), generator=self.generator))
+        epochs = self.experts.num_epochs
+        top = max(1, min(cfg.max_start_epoch, epochs - cfg.expert_epochs + 1))
+        s = int(torch.randint(top, (1,), generator=self.generator))
+        start = self._expert(e, s)
+        target = self._expert(e, min(s + cfg.expert_epochs, epochs))
+        n, k = self.mean.shape[:2]
+        per_class = max(1, math.ceil(cfg.unroll_batch / n))
+        z, labels = self.sample_latents(per_class)
+        images = self.decode(z)
+        leaf = images.detach().requires_grad_(True)
+        total = leaf.shape[0]
+        batches = [torch.randperm(total, generator=self.generator)[:cfg.unroll_batch] for _ in range(cfg.syn_steps)]
+        seeds = [self._seed() for _ in range(cfg.syn_steps)]
+        net = self.net
+
+        def step_loss(w: torch.Tensor, i: int) -> torch.Tensor:
+            idx = batches[i]
+            x = self._aug(leaf[idx], seeds[i])
+            logits = functional_call(net, _named(net, w), (x,))
+            return nn.functional.cross_entropy(logits, labels[idx])
+
+        res = trajectory_match(step_loss, [leaf], start, target, self.syn_lr, cfg.syn_steps, cfg.unroll)
+        images.backward(leaf.grad)
+        self.syn_lr.grad = res.lr_grad.reshape(()).clone()
+        return res.loss
+
+    # ---------------------------------------------------------------- one iteration
+    def step(self) -> dict[str, float]:
+        """One iteration: the objective's update(s) of latents, decoder (and step size)."""
+        cfg = self.config
+        final_start = cfg.iterations - int(round(cfg.final_fraction * cfg.iterations))
+        if not self.frozen and self.iteration >= final_start and cfg.final_fraction > 0:
+            self.freeze()
+        out: dict[str, float] = {}
+        if "mtt" in cfg.objective:
+            self._zero()
+            out["mtt"] = self._mtt()
+            self.opt_latents.step()
+            self.opt_decoder.step()
+            self.opt_lr.step()
+            with torch.no_grad():
+                self.syn_lr.clamp_(min=1e-6)
+        if "mmd" in cfg.objective:
+            self._zero()
+            loss = self._mmd_loss() * cfg.mmd_weight
+            loss.backward()
+            out["mmd"] = float(loss.detach())
+            self.opt_latents.step()
+            self.opt_decoder.step()
+        with torch.no_grad():
+            self.logvar.clamp_(-8.0, 4.0)
+        self.iteration += 1
+        self.last = out
+        return out
+
+    def _zero(self) -> None:
+        for opt in (self.opt_latents, self.opt_decoder, self.opt_lr):
+            opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Calibrate the decoder's BatchNorm statistics on a large draw of the priors, then use them."""
+        for m in self.decoder.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+        self.decoder.train()
+        per_class = max(1, self.config.calibration_samples // self.num_classes)
+        z, _ = self.sample_latents(per_class)
+        for chunk in z.split(512):
+            self.decoder(chunk)
+        self.decoder.eval()
+        self.frozen = True
+
+    # ---------------------------------------------------------------- state
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything `load_state` needs to continue identically: tensors and JSON."""
+        from d3codec.encode.checkpoint import optimizer_to_flat
+
+        tensors = {"mean": self.mean.detach(), "logvar": self.logvar.detach(), "syn_lr": self.syn_lr.detach(),
+                   "rng": self.generator.get_state()}
+        tensors.update({f"decoder.{k}": v.detach() for k, v in self.decoder.state_dict().items()})
+        meta: dict[str, Any] = {"iteration": self.iteration, "frozen": self.frozen, "last": self.last}
+        for name, opt in (("opt_latents", self.opt_latents), ("opt_decoder", self.opt_decoder), ("opt_lr", self.opt_lr)):
+            t, m = optimizer_to_flat(name, opt.state_dict())
+            tensors.update(t)
+            meta[name] = m
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        from d3codec.encode.checkpoint import optimizer_from_flat
+
+        with torch.no_grad():
+            self.mean.copy_(tensors["mean"])
+            self.logvar.copy_(tensors["logvar"])
+            self.syn_lr.copy_(tensors["syn_lr"])
+        self.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
+        self.generator.set_state(tensors["rng"])
+        for name, opt in (("opt_latents", self.opt_latents), ("opt_decoder", self.opt_decoder), ("opt_lr", self.opt_lr)):
+            opt.load_state_dict(optimizer_from_flat(name, tensors, meta[name]))
+        self.iteration = int(meta["iteration"])
+        self.last = dict(meta.get("last", {}))
+        self.frozen = bool(meta["frozen"])
+        if self.frozen:
+            for m in self.decoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = None
+            self.decoder.eval()
+
+    @torch.no_grad()
+    def mean_images(self) -> torch.Tensor:
+        """Each component's mean image [N, K, C, H, W] (eval mode, normalised space)."""
+        if not self.frozen:
+            self.freeze()
+        n, k, d = self.mean.shape
+        return self.decode(self.mean.reshape(n * k, d)).reshape(n, k, *self.metadata.image_shape)
+
+
+def _fake_quant(w: torch.Tensor, weight_dtype: str) -> torch.Tensor:
+    """Quantise-dequantise `w` as storage will (straight-through gradient)."""
+    from d3codec.format.types import Stored
+
+    if not w.is_floating_point():
+        return w
+    dtype, axis = tensor_dtype(tuple(w.shape), weight_dtype)
+    if dtype != "I8":
+        return w
+    q = Stored.encode(w.detach(), "I8", axis=axis).dequantize().to(w.device)
+    return w + (q - w).detach()
+
+
+def _named(net: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    from d3codec.models.convnet import param_shapes, unflatten_params
+
+    return unflatten_params(flat, param_shapes(net))
+
+
+class _FeatureView(nn.Module):
+    """Wraps a network so that `forward` is its `features` (for functional_call)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+def _init_module(module: nn.Module, generator: torch.Generator) -> None:
+    """Seeded default init of every conv/linear/norm layer."""
+    from d3codec.models.convnet import init_params
+
+    init_params(module, generator)

@@ -1,0 +1,94 @@
+"""Run a `Distiller` to the end: tqdm progress, periodic and Ctrl-C checkpoints, exact resume.
+
+The checkpoint (`<output>.ckpt`) records the plan and settings; `--resume` refuses one made with
+other settings, so a resumed run continues to the very file an uninterrupted run writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from tqdm import tqdm
+
+from d3codec.encode.checkpoint import load_checkpoint, save_checkpoint
+from d3codec.encode.distill import Distiller
+from d3codec.encode.planner import Plan
+from d3codec.errors import ConfigError
+
+
+def _identity(distiller: Distiller, plan: Plan) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: plan, settings, data."""
+    return json.loads(json.dumps({"plan": plan.to_json(), "config": distiller.config.to_json(),
+                                  "fingerprint": distiller.metadata.fingerprint,
+                                  "classes": list(distiller.real.classes)}))
+
+
+def save_state(distiller: Distiller, path: str, plan: Plan) -> None:
+    """Checkpoint `distiller` to `path` atomically."""
+    tensors, meta = distiller.state_tensors()
+    meta["identity"] = _identity(distiller, plan)
+    save_checkpoint(path, tensors, meta)
+
+
+def restore_state(distiller: Distiller, path: str, plan: Plan) -> None:
+    """Load a checkpoint into `distiller`, refusing one made with other settings."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("identity") != _identity(distiller, plan):
+        raise ConfigError(f"checkpoint {path} was made with other settings, data or budget; "
+                          "rerun with the same options, or without --resume to start over")
+    distiller.load_state(tensors, meta)
+
+
+def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool = False,
+             checkpoint_every: int = 100, quiet: bool = False) -> None:
+    """Iterate to `config.iterations`, checkpointing every `checkpoint_every` and on Ctrl-C."""
+    total = distiller.config.iterations
+    if resume:
+        if os.path.isfile(checkpoint):
+            restore_state(distiller, checkpoint, plan)
+        elif not quiet:
+            print(f"no checkpoint at {checkpoint}: starting from the beginning", file=sys.stderr)
+    bar = tqdm(total=total, initial=distiller.iteration, desc="distil", unit="it", file=sys.stderr,
+               disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+    stop = _DeferredInterrupt()
+    with stop:
+        while distiller.iteration < total:
+            losses = distiller.step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+            if stop.requested:
+                save_state(distiller, checkpoint, plan)
+                bar.close()
+                print(f"interrupted at iteration {distiller.iteration}: checkpoint saved to {checkpoint}; "
+                      "rerun with --resume to continue", file=sys.stderr)
+                raise KeyboardInterrupt
+            if checkpoint_every > 0 and distiller.iteration % checkpoint_every == 0 and distiller.iteration < total:
+                save_state(distiller, checkpoint, plan)
+    bar.close()
+
+
+class _DeferredInterrupt:
+    """While active, the first Ctrl-C only sets `requested` (the current iteration finishes, so the
+    checkpoint is a consistent state); a second one interrupts at once. Main thread only."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)

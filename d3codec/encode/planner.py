@@ -1,0 +1,272 @@
+"""Budget planner: from a byte budget, the classes and the image shape, choose what the file holds.
+
+It picks the decoder (family and width), K latents per class, latent dimension D, the storage
+dtype of every tensor and the label storage, so that the FINISHED file surely fits: the size is
+bounded with `format.io.size_upper_bound` on a placeholder file of exactly the planned names,
+dtypes, shapes, metadata and provenance (header, padding and checksum included), which no real
+values can exceed. Bytes go first to latents (a capped share), then labels (a capped share), and
+all the rest to the widest decoder that fits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional, Sequence
+
+import torch
+
+from d3codec.encode.labels import LabelStorage, placeholder_labels
+from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
+
+#: Decoder widths (channels of the first feature map) the planner tries, widest first.
+WIDTHS: tuple[int, ...] = (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4)
+#: Latent dimensions tried, largest first.
+LATENT_DIMS: tuple[int, ...] = (64, 32, 16, 8, 4, 2)
+#: Storage dtypes of decoder weights a user may force (`--weights-dtype`); the planner default is I8.
+WEIGHT_DTYPES = ("I8", "F16", "F32")
+#: Share of the budget latents and labels may take at most; the decoder gets the rest.
+LATENT_SHARE, LABEL_SHARE = 0.15, 0.05
+#: Tensors smaller than this are stored as F16 even when weights are I8 (scales would cost more).
+MIN_QUANT_NUMEL = 64
+DECODER_FAMILY, DECODER_VERSION = "small", 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the encoder will train and how each part is stored."""
+
+    family: str
+    version: int
+    hparams: dict[str, Any]
+    latents_per_class: int
+    latent_dim: int
+    weight_dtype: str
+    latent_dtype: str
+    labels: LabelStorage
+    budget: Budget
+    bound: int  # upper bound (guaranteed) or estimate of the finished file size, bytes
+    breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes (upper bounds)
+    num_params: int = 0
+    guaranteed: bool = True  # bound from shapes alone; False: compressed-size estimate with a margin
+
+    def summary(self) -> str:
+        """Several lines for the terminal: the choices and the byte breakdown."""
+        b = self.budget
+        lines = [
+            f"plan: decoder {self.family} v{self.version} width {self.hparams.get('width')} "
+            f"({self.num_params:,} params, {self.weight_dtype}), K={self.latents_per_class} latents/class, "
+            f"D={self.latent_dim} ({self.latent_dtype}), labels {self.labels.describe()}",
+            f"budget {b.bytes:,} bytes ({b.spec or b.unit}); file "
+            f"{'at most' if self.guaranteed else 'estimated at (compressed, with margin)'} {self.bound:,} bytes "
+            f"({100.0 * self.bound / b.bytes:.1f}% of budget)",
+        ]
+        for part, n in self.breakdown.items():
+            lines.append(f"  {part:<10} <= {n:>12,} bytes")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = asdict(self.labels)
+        d["budget"] = asdict(self.budget)
+        return d
+
+
+def decoder_hparams(metadata: Metadata, width: int, latent_dim: int, norm: str = "batch") -> dict[str, Any]:
+    """Hyper-parameters of the planned decoder for these images."""
+    c, h, w = metadata.image_shape
+    if h != w:
+        raise ConfigError(f"images are {h}x{w}; the decoders draw square images: pass --resolution to resize")
+    return {"channels": c, "image_size": h, "latent_dim": latent_dim, "width": width, "norm": norm}
+
+
+def decoder_shapes(family: str, version: int, hparams: dict[str, Any]) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Names, shapes and dtypes of the stored (exported) state of a decoder, built without memory."""
+    from d3codec.models.registry import build_decoder, export_state
+
+    with torch.device("meta"):
+        module = build_decoder(family, version, hparams)
+    return {k: (v.shape, v.dtype) for k, v in export_state(module).items()}
+
+
+def tensor_dtype(shape: Sequence[int], weight_dtype: str) -> tuple[str, Optional[int]]:
+    """(storage dtype, quantisation axis) of a float decoder tensor under `weight_dtype`.
+
+    I8: tensors of at least MIN_QUANT_NUMEL values are quantised, per output channel (axis 0) when
+    each channel has at least 128 values (so the per-channel scales stay a small overhead), else
+    per tensor; smaller tensors (biases, norm parameters) are F16.
+    """
+    numel = math.prod(shape)
+    if weight_dtype != "I8":
+        return weight_dtype, None
+    if numel < MIN_QUANT_NUMEL:
+        return "F16", None
+    if len(shape) >= 2 and numel // shape[0] >= 128:
+        return "I8", 0
+    return "I8", None
+
+
+def store_decoder_state(state: dict[str, torch.Tensor], weight_dtype: str) -> dict[str, Stored]:
+    """Exported decoder state -> stored tensors, each in the dtype `tensor_dtype` gives."""
+    out: dict[str, Stored] = {}
+    for name, value in state.items():
+        if not value.is_floating_point():
+            out[name] = Stored.encode(value, "I64")
+            continue
+        dtype, axis = tensor_dtype(tuple(value.shape), weight_dtype)
+        out[name] = Stored.encode(value.float(), dtype, axis=axis)
+    return out
+
+
+def store_priors(mean: torch.Tensor, logvar: torch.Tensor, dtype: str) -> Priors:
+    """Diagonal priors [N, K, D] in `dtype` (I8: quantised per tensor)."""
+    return Priors(kind="diag", mean=Stored.encode(mean.float(), dtype), logvar=Stored.encode(logvar.float(), dtype))
+
+
+def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
+                 weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
+                 provenance: dict[str, Any], budget: Budget, random: bool = False) -> tuple[D3File, int]:
+    """A file of the planned structure. `random`: incompressible values (uniform noise) for an
+    estimate of the compressed size; else smooth values (the structure is all the bound reads)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def values(shape: Sequence[int]) -> torch.Tensor:
+        n = math.prod(shape)
+        if random:
+            return (torch.rand(n, generator=gen) * 2 - 1).reshape(tuple(shape))
+        return torch.linspace(-1, 1, n).reshape(tuple(shape))
+
+    shapes = decoder_shapes(family, version, hparams)
+    state = {name: (torch.zeros(shape, dtype=dt) if not dt.is_floating_point else values(shape))
+             for name, (shape, dt) in shapes.items()}
+    weights = store_decoder_state(state, weight_dtype)
+    n = len(classes)
+    z = values((n, k, d))
+    lab = placeholder_labels(labels, metadata.num_classes, k)
+    if random and lab.kind == "soft":
+        p = torch.softmax(values((n, k, metadata.num_classes)) * 8, dim=-1)
+        from d3codec.encode.labels import store_labels
+
+        lab = store_labels(p, labels)
+    d3 = D3File(metadata=metadata, priors=store_priors(z, z, latent_dtype),
+                decoders=[DecoderEntry(family, version, hparams, list(classes), weights)],
+                labels=lab, budget=budget, provenance=provenance)
+    params = sum(math.prod(s) for s, dt in shapes.values() if dt.is_floating_point)
+    return d3, params
+
+
+def _estimate(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
+              weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
+              provenance: dict[str, Any], budget: Budget) -> int:
+    """Compressed size of an incompressible-valued placeholder, plus room for the widest JSON form of
+    every quantisation scale and zero point, plus a 2% + 64 byte margin."""
+    from d3codec.format.io import encoded_size
+
+    d3, _ = _placeholder(metadata, family, version, hparams, k, d, weight_dtype, latent_dtype, labels, classes,
+                         provenance, budget, random=True)
+    size = encoded_size(d3)
+    stored = [*d3.decoders[0].weights.values(), d3.priors.mean, d3.priors.logvar,
+              *(s for s in (d3.labels.probs, d3.labels.values) if s is not None)]
+    slack = sum(18 * len(s.scale or ()) + 4 * len(s.zero_point or ()) for s in stored if s is not None)
+    return size + slack + size // 50 + 64
+
+
+def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bool]:
+    """(size, guaranteed): the strict shape-only bound when it fits, else the compressed estimate.
+
+    Tiny files are dominated by per-tensor headers, which zstd shrinks but the strict bound counts
+    raw; there the estimate decides, and `encode` checks the real size before writing.
+    """
+    from d3codec.format.io import size_upper_bound
+
+    bound = size_upper_bound(d3)
+    if bound <= budget.bytes:
+        return bound, True
+    return _estimate(**spec, budget=budget), False
+
+
+def _section_bounds(d3: D3File) -> dict[str, int]:
+    """Raw bytes of each part (tensor payloads only), for the printed breakdown."""
+    priors = sum(s.nbytes for s in (d3.priors.mean, d3.priors.logvar) if s is not None)
+    decoder = sum(s.nbytes for s in d3.decoders[0].weights.values())
+    lab = d3.labels
+    labels = sum(s.nbytes for s in (lab.probs, lab.indices, lab.values) if s is not None)
+    return {"priors": priors, "decoder": decoder, "labels": labels}
+
+
+def _label_choice(budget_bytes: int, n_comp: int, num_classes: int, wanted: str) -> LabelStorage:
+    """Dense U8 soft labels when they fit the label share, else the largest top-k that does, else hard."""
+    if wanted == "hard":
+        return LabelStorage("hard")
+    cap = LABEL_SHARE * budget_bytes
+    if n_comp * num_classes <= cap:
+        return LabelStorage("dense", dtype="U8")
+    idx = 1 if num_classes <= 256 else 2
+    k = int(cap // (n_comp * (idx + 1)))
+    if k >= 2:
+        return LabelStorage("topk", k=min(k, num_classes - 1), dtype="U8")
+    if wanted == "soft":
+        return LabelStorage("topk", k=1, dtype="U8")
+    return LabelStorage("hard")
+
+
+def default_latents_per_class(budget: Budget, num_classes: int, image_shape: Sequence[int]) -> int:
+    """K as in the paper's settings: the IPC-equivalent of the budget (1 at 1ipc, 10 at 10ipc), 1..100."""
+    c, h, w = image_shape
+    ipc = budget.bytes / (num_classes * c * h * w * 4)
+    return int(min(100, max(1, round(ipc))))
+
+
+def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequence[int]] = None,
+                provenance: Optional[dict[str, Any]] = None, latents_per_class: Optional[int] = None,
+                latent_dim: Optional[int] = None, width: Optional[int] = None, weight_dtype: str = "I8",
+                latent_dtype: str = "F16", labels: str = "auto", family: str = DECODER_FAMILY,
+                version: int = DECODER_VERSION, norm: str = "batch") -> Plan:
+    """The plan that fits `budget`, or `BudgetError` naming the smallest budget that works.
+
+    `classes` are the (global) class ids this file draws (default: all). Fixed choices
+    (`latents_per_class`, `latent_dim`, `width`) are honoured; the others are searched.
+    `provenance` must be the one the file will carry (it counts in the header).
+    """
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    if latent_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"latent dtype {latent_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    if labels not in ("auto", "soft", "hard"):
+        raise ConfigError(f"labels must be auto, soft or hard, not {labels!r}")
+    classes = list(range(metadata.num_classes)) if classes is None else list(classes)
+    provenance = dict(provenance or {})
+    n = len(classes)
+    k = latents_per_class or default_latents_per_class(budget, n, metadata.image_shape)
+    lat_bytes = {"F32": 4, "F16": 2, "I8": 1}[latent_dtype]
+    dims = [latent_dim] if latent_dim else [d for d in LATENT_DIMS if 2 * n * k * d * lat_bytes <= LATENT_SHARE * budget.bytes] or [LATENT_DIMS[-1]]
+    widths = [width] if width else list(WIDTHS)
+    smallest: Optional[int] = None
+    for d in dims[:1] + ([dims[-1]] if len(dims) > 1 else []):
+        lab = _label_choice(budget.bytes, n * k, metadata.num_classes, labels)
+        for wd in widths:
+            hp = decoder_hparams(metadata, wd, d, norm)
+            d3, params = _placeholder(metadata, family, version, hp, k, d, weight_dtype, latent_dtype, lab,
+                                      classes, provenance, budget)
+            spec = dict(metadata=metadata, family=family, version=version, hparams=hp, k=k, d=d,
+                        weight_dtype=weight_dtype, latent_dtype=latent_dtype, labels=lab, classes=classes,
+                        provenance=provenance)
+            bound, guaranteed = _fit_size(d3, budget, spec)
+            if bound <= budget.bytes:
+                parts = _section_bounds(d3)
+                parts["header etc"] = bound - sum(parts.values())
+                return Plan(family, version, hp, k, d, weight_dtype, latent_dtype, lab, budget, bound, parts, params,
+                            guaranteed)
+            smallest = bound if smallest is None else min(smallest, bound)
+    # Nothing fits: the smallest configuration gives the smallest budget that works.
+    hp = decoder_hparams(metadata, width or WIDTHS[-1], latent_dim or LATENT_DIMS[-1], norm)
+    lab = LabelStorage("hard") if labels != "soft" else LabelStorage("topk", k=1)
+    need = 0
+    for _ in range(4):  # the budget's own digits count in the header: iterate to a fixed point
+        trial = replace(budget, bytes=need or budget.bytes)
+        need = max(need, _estimate(metadata, family, version, hp, latents_per_class or 1,
+                                   latent_dim or LATENT_DIMS[-1], weight_dtype, latent_dtype, lab, classes,
+                                   provenance, trial))
+    spec = f"{budget.spec} = " if budget.spec else ""
+    raise BudgetError(f"budget {spec}{budget.bytes:,} bytes is too small: the smallest file that works here needs "
+                      f"{need:,} bytes; raise --budget to at least {need:,} (or fewer fixed latents/width)")
