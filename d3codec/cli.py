@@ -244,3 +244,61 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
                                    progress=not quiet)
         report["storage"]["budget_spec"] = budget
     click.echo(to_json(report) if as_json else render(report))
+
+
+# ---- encode: distil a dataset into a .d3 file (encode/) ----
+
+@cli.command("encode")
+@click.argument("dataset", metavar="DATASET")
+@click.option("--budget", required=True, help="Byte budget: 1ipc, 10ipc, 2ipc-u8, 31360, 500KB, 1.5MiB.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="The .d3 file to write.")
+@_data_options
+@click.option("--objective", type=click.Choice(["auto", "mtt+mmd", "mmd", "mtt"]), default="auto", show_default=True,
+              help="auto: mtt+mmd (the paper's) on CUDA, mmd on CPU.")
+@click.option("--iterations", type=int, help="Distillation iterations (default: 10000 on CUDA, 400 on CPU).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--classes", help="Distil a class subset (subtask), e.g. 0-4 or 0,3,7.")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt (to the identical file).")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Iterations between checkpoints (0: only on Ctrl-C).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and byte breakdown, then stop.")
+@click.option("--weights-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
+              help="Storage of decoder weights.")
+@click.option("--latent-dtype", type=click.Choice(["I8", "F16", "F32"]), default="F16", show_default=True,
+              help="Storage of latent means and log-variances.")
+@click.option("--labels", type=click.Choice(["auto", "soft", "hard"]), default="auto", show_default=True)
+@click.option("--latents-per-class", type=int, help="K (default: planned).")
+@click.option("--latent-dim", type=int, help="D (default: planned).")
+@click.option("--width", type=int, help="Decoder width (default: the widest that fits).")
+@click.option("--experts", "num_experts", type=int, help="Experts to train/reuse (default: 1 on CPU for mmd).")
+@click.option("--expert-epochs", type=int, help="Epochs per expert.")
+@click.option("--unroll", type=click.Choice(["exact", "tesla", "naive"]), help="Trajectory-matching gradient.")
+@click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
+@click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars.")
+def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
+               skip_bad_images: bool, cache_dir: Optional[str], objective: str, iterations: Optional[int], seed: int,
+               device: str, classes: Optional[str], resume: bool, checkpoint_every: int, dry_run: bool,
+               weights_dtype: str, latent_dtype: str, labels: str, latents_per_class: Optional[int],
+               latent_dim: Optional[int], width: Optional[int], num_experts: Optional[int],
+               expert_epochs: Optional[int], unroll: Optional[str], threads: Optional[int], quiet: bool) -> None:
+    """Distil DATASET's train split into one .d3 file of at most --budget bytes (D3: K Gaussian
+    latents per class and a decoder). Prints the plan and byte breakdown first; Ctrl-C saves a
+    checkpoint that --resume continues from. The same seed on CPU gives byte-identical files."""
+    from d3codec.encode.api import EncodeOptions, encode
+    from d3codec.errors import ConfigError
+
+    if not dry_run and not output:
+        raise ConfigError("give an output file with -o/--output (or use --dry-run)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    train = _open_split(dataset, "train", data_dir, resolution, skip_bad_images, cache_dir, quiet)
+    options = EncodeOptions(objective=objective, iterations=iterations, seed=seed, device=device,
+                            classes=_parse_classes(classes), resume=resume, checkpoint_every=checkpoint_every,
+                            dry_run=dry_run, quiet=quiet and not dry_run, weight_dtype=weights_dtype,
+                            latent_dtype=latent_dtype, labels=labels, latents_per_class=latents_per_class,
+                            latent_dim=latent_dim, width=width, num_experts=num_experts,
+                            expert_epochs=expert_epochs, cache_dir=cache_dir,
+                            overrides={"unroll": unroll} if unroll else {})
+    encode(train, budget, output, options)

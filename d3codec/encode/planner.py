@@ -267,6 +267,6 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
         need = max(need, _estimate(metadata, family, version, hp, latents_per_class or 1,
                                    latent_dim or LATENT_DIMS[-1], weight_dtype, latent_dtype, lab, classes,
                                    provenance, trial))
-    spec = f"{budget.spec} = " if budget.spec else ""
+    spec = f"{budget.spec} = " if budget.spec and budget.unit != "bytes" else ""
     raise BudgetError(f"budget {spec}{budget.bytes:,} bytes is too small: the smallest file that works here needs "
                       f"{need:,} bytes; raise --budget to at least {need:,} (or fewer fixed latents/width)")
