@@ -28,14 +28,14 @@ def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Un
 
     recipe.validate()
     d3 = load(path)
-    from d3codec.decode.dataset import D3Dataset
-
     meta = d3.metadata
     if meta.num_classes != test.num_classes or tuple(meta.image_shape) != tuple(test.image_shape):
         raise ConfigError(
             f"{path} holds {meta.num_classes} classes of {tuple(meta.image_shape)} images but the test set "
             f"{test.name} has {test.num_classes} of {tuple(test.image_shape)}; pass the dataset the file was made from"
         )
+    from d3codec.decode.dataset import D3Dataset
+
     normalized = NormalizedTest(test, meta.mean, meta.std)
     results, flops = [], 0
     for run in range(recipe.runs):
