@@ -253,7 +253,10 @@ def _decode_files(path: str, paths: list[str], size: tuple[int, int], channels: 
         finally:
             os.close(fd)
     else:
-        ctx = multiprocessing.get_context("spawn")
+        # fork (as torch's DataLoader on Linux): unlike spawn, it does not re-import the user's
+        # __main__ script in every worker; workers use only numpy and Pillow, never torch.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
         with ctx.Pool(workers, initializer=_decode.init_worker, initargs=(path, size, channels, n_train)) as pool:
             for result in pool.imap_unordered(_decode.decode_chunk, tasks):
                 collect(result)
