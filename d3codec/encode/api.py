@@ -46,6 +46,7 @@ class EncodeOptions:
     expert_epochs: Optional[int] = None
     cache_dir: Optional[str] = None
     overrides: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields
+    extra_provenance: dict[str, Any] = field(default_factory=dict)  # added to the file's provenance (federated parts)
 
     def distill_config(self) -> DistillConfig:
         """The loop settings: the paper's on CUDA, `cpu_defaults` on CPU, then the overrides."""
@@ -76,6 +77,7 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
                             "iterations": cfg.iterations, "experts": list(experts)}
     if options.classes is not None:
         prov["classes"] = [int(c) for c in classes]
+    prov.update(options.extra_provenance)
     return prov
 
 
