@@ -155,6 +155,16 @@ def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[st
     return d3, params
 
 
+def _decoder_bytes(family: str, version: int, hparams: dict[str, Any], weight_dtype: str) -> int:
+    """Bytes of the decoder's stored tensor values (no headers), from shapes alone."""
+    size = {"F32": 4, "F16": 2, "I8": 1, "I64": 8}
+    total = 0
+    for shape, dt in decoder_shapes(family, version, hparams).values():
+        kind = tensor_dtype(tuple(shape), weight_dtype)[0] if dt.is_floating_point else "I64"
+        total += math.prod(shape) * size[kind]
+    return total
+
+
 def _estimate(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
               weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
               provenance: dict[str, Any], budget: Budget) -> int:
@@ -242,10 +252,14 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     dims = [latent_dim] if latent_dim else [d for d in LATENT_DIMS if 2 * n * k * d * lat_bytes <= LATENT_SHARE * budget.bytes] or [LATENT_DIMS[-1]]
     widths = [width] if width else list(WIDTHS)
     smallest: Optional[int] = None
-    for d in dims[:1] + ([dims[-1]] if len(dims) > 1 else []):
-        lab = _label_choice(budget.bytes, n * k, metadata.num_classes, labels)
+    chosen = _label_choice(budget.bytes, n * k, metadata.num_classes, labels)
+    fallback = [LabelStorage("hard")] if labels == "auto" and chosen.kind != "hard" else []
+    tries = [(d, lab) for lab in [chosen, *fallback] for d in dims[:1] + ([dims[-1]] if len(dims) > 1 else [])]
+    for d, lab in tries:
         for wd in widths:
             hp = decoder_hparams(metadata, wd, d, norm)
+            if _decoder_bytes(family, version, hp, weight_dtype) > budget.bytes:
+                continue  # the decoder's tensors alone are over: no need to build the file
             d3, params = _placeholder(metadata, family, version, hp, k, d, weight_dtype, latent_dtype, lab,
                                       classes, provenance, budget)
             spec = dict(metadata=metadata, family=family, version=version, hparams=hp, k=k, d=d,

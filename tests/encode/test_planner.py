@@ -1,0 +1,105 @@
+"""The budget planner: every plan's finished file fits, impossible budgets name the smallest that works."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from d3codec.encode.labels import store_labels
+from d3codec.encode.planner import decoder_shapes, plan_budget, store_decoder_state, store_priors
+from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.budget import parse_budget
+from d3codec.format.io import encoded_size
+from d3codec.format.types import D3File, DecoderEntry, Metadata
+
+
+def _metadata(num_classes: int, shape: tuple[int, int, int]) -> Metadata:
+    c = shape[0]
+    return Metadata(name="synthetic", num_classes=num_classes, class_names=[f"class {i}" for i in range(num_classes)],
+                    image_shape=shape, mean=(0.4812,) * c, std=(0.2467,) * c, fingerprint="0123456789abcdef" * 2)
+
+
+def _finished_file(plan, metadata: Metadata, provenance: dict, seed: int) -> D3File:
+    """What `encode` would write for `plan`: trained-like (Gaussian) values in the planned layout."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = decoder_shapes(plan.family, plan.version, plan.hparams)
+    state = {k: (torch.randn(s, generator=g) * 0.3 if dt.is_floating_point else torch.zeros(s, dtype=dt))
+             for k, (s, dt) in shapes.items()}
+    n, k, d = metadata.num_classes, plan.latents_per_class, plan.latent_dim
+    probs = torch.softmax(4 * torch.randn(n, k, n, generator=g), dim=-1)
+    return D3File(metadata=metadata,
+                  priors=store_priors(torch.randn(n, k, d, generator=g), torch.randn(n, k, d, generator=g) - 2,
+                                      plan.latent_dtype),
+                  decoders=[DecoderEntry(plan.family, plan.version, plan.hparams, list(range(n)),
+                                         store_decoder_state(state, plan.weight_dtype))],
+                  labels=store_labels(probs, plan.labels), budget=plan.budget, provenance=provenance)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_classes=st.integers(2, 20), channels=st.sampled_from([1, 3]), size=st.sampled_from([8, 16, 28, 32]),
+       ipc=st.sampled_from(["0.5ipc", "1ipc", "2ipc", "10ipc", "1ipc-u8", "50KB", "200000"]),
+       weight_dtype=st.sampled_from(["I8", "F16"]), seed=st.integers(0, 10**6))
+def test_planned_files_never_exceed_the_budget(num_classes: int, channels: int, size: int, ipc: str,
+                                               weight_dtype: str, seed: int) -> None:
+    metadata = _metadata(num_classes, (channels, size, size))
+    budget = parse_budget(ipc, num_classes, metadata.image_shape)
+    assume(budget.bytes <= 400_000)  # keeps compressing the check file fast
+    provenance = {"encoder": "d3codec test", "seed": seed, "objective": "mmd", "iterations": 400}
+    try:
+        plan = plan_budget(metadata, budget, provenance=provenance, weight_dtype=weight_dtype)
+    except BudgetError as exc:
+        need = int(str(exc).split("at least ")[1].split(" ")[0].replace(",", ""))
+        assert need > budget.bytes
+        return
+    assert plan.bound <= budget.bytes
+    assert encoded_size(_finished_file(plan, metadata, provenance, seed)) <= budget.bytes
+
+
+def test_impossible_budget_names_a_budget_that_works() -> None:
+    metadata = _metadata(10, (1, 8, 8))
+    with pytest.raises(BudgetError, match="too small") as info:
+        plan_budget(metadata, parse_budget("300", 10, (1, 8, 8)))
+    message = str(info.value)
+    assert "\n" not in message
+    need = int(message.split("at least ")[1].split(" ")[0].replace(",", ""))
+    plan = plan_budget(metadata, parse_budget(str(need), 10, (1, 8, 8)))
+    assert plan.bound <= need
+
+
+def test_more_budget_buys_a_wider_decoder_and_more_latents() -> None:
+    metadata = _metadata(10, (3, 32, 32))
+    small = plan_budget(metadata, parse_budget("1ipc", 10, (3, 32, 32)))
+    large = plan_budget(metadata, parse_budget("10ipc", 10, (3, 32, 32)))
+    assert large.num_params > small.num_params
+    assert (large.latents_per_class, small.latents_per_class) == (10, 1)
+    assert "plan: decoder" in small.summary() and "budget" in small.summary()
+
+
+def test_int8_weights_fit_more_parameters_than_float32() -> None:
+    metadata = _metadata(10, (1, 28, 28))
+    budget = parse_budget("1ipc", 10, (1, 28, 28))
+    i8 = plan_budget(metadata, budget, weight_dtype="I8")
+    f32 = plan_budget(metadata, budget, weight_dtype="F32")
+    assert i8.num_params > 2 * f32.num_params
+
+
+def test_bad_planner_settings_are_config_errors() -> None:
+    metadata = _metadata(10, (1, 8, 8))
+    budget = parse_budget("10ipc", 10, (1, 8, 8))
+    with pytest.raises(ConfigError, match="weight dtype"):
+        plan_budget(metadata, budget, weight_dtype="I4")
+    with pytest.raises(ConfigError, match="labels"):
+        plan_budget(metadata, budget, labels="fuzzy")
+    with pytest.raises(ConfigError, match="square"):
+        plan_budget(_metadata(10, (1, 8, 16)), parse_budget("10ipc", 10, (1, 8, 16)))
+
+
+def test_fixed_choices_are_honoured() -> None:
+    metadata = _metadata(10, (1, 28, 28))
+    plan = plan_budget(metadata, parse_budget("2ipc", 10, (1, 28, 28)), latents_per_class=3, latent_dim=16, width=8,
+                       labels="hard")
+    assert (plan.latents_per_class, plan.latent_dim, plan.hparams["width"], plan.labels.kind) == (3, 16, 8, "hard")
+    assert math.isclose(plan.budget.ipc, 2.0)
