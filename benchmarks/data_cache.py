@@ -73,8 +73,9 @@ def generate(work: str, classes: int, per_class: int, size: int) -> str:
     return folder
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants (from /proc)."""
+def _tree_rss(pid: int, field: str = "VmRSS:") -> int:
+    """Resident bytes of `pid` and all its descendants (from /proc): `VmRSS:` counts pages shared
+    by forked workers once per process; `Pss:` (smaps_rollup) splits them between sharers."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -89,9 +90,9 @@ def _tree_rss(pid: int) -> int:
         p = stack.pop()
         stack.extend(children.get(p, []))
         try:
-            with open(f"/proc/{p}/status") as f:
+            with open(f"/proc/{p}/status" if field == "VmRSS:" else f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1]) * 1024
         except OSError:
             continue
@@ -117,16 +118,18 @@ def measure_rss(folder: str) -> dict:
             "open_dataset(%r, cache_dir=%r, progress=False)") % (ROOT, folder, cache)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code])
-    peak = 0
+    peak = peak_pss = 0
     while proc.poll() is None:
         peak = max(peak, _tree_rss(proc.pid))
+        peak_pss = max(peak_pss, _tree_rss(proc.pid, "Pss:"))
         time.sleep(0.02)
     seconds = time.perf_counter() - t0
     images = sum(len([f for f in files if not f.startswith(".")]) for _, _, files in os.walk(folder))
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode:
         raise SystemExit(f"cache build failed with exit status {proc.returncode}")
-    return {"images": images, "peak_rss_mib": round(peak / 2**20, 1), "seconds": round(seconds, 1),
+    return {"images": images, "peak_rss_mib": round(peak / 2**20, 1), "peak_pss_mib": round(peak_pss / 2**20, 1),
+            "seconds": round(seconds, 1),
             "images_per_s": round(images / seconds, 1)}
 
 
@@ -143,7 +146,8 @@ def rss(work: str, classes: int, per_class: int, size: int) -> None:
         rows.append(row)
         print(json.dumps({"what": "peak RSS while building the cache (process + workers)", **row}), flush=True)
     print(json.dumps({"what": "growth", "images_ratio": round(rows[1]["images"] / rows[0]["images"], 1),
-                      "peak_rss_ratio": round(rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"], 2)}), flush=True)
+                      "peak_rss_ratio": round(rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"], 2),
+                      "peak_pss_ratio": round(rows[1]["peak_pss_mib"] / rows[0]["peak_pss_mib"], 2)}), flush=True)
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ def decode_chunk(task: tuple[int, list[str]]) -> tuple[int, int, list[int], np.n
     return decode_into(_STATE["fd"], start, paths, _STATE["size"], _STATE["channels"], _STATE["num_train"])
 
 
+
 def decode_into(fd: int, start: int, paths: list[str], size: tuple[int, int], channels: int,
                 num_train: int) -> tuple[int, int, list[int], np.ndarray, np.ndarray]:
     """Decode and write one chunk (shared by workers and the in-process path)."""

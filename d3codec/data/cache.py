@@ -17,8 +17,9 @@ import os
 import shutil
 import sys
 import warnings
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -29,7 +30,7 @@ from d3codec.data.sources import ArrayItems, FileItems, Items, Source
 from d3codec.errors import DatasetError
 
 #: Bumped whenever the cache layout or decoding changes (it is part of every fingerprint).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Images per worker task (one pwrite each).
 CHUNK = 64
 _MAX_WORKERS = 8
@@ -120,17 +121,20 @@ def _target_shape(train: Items, test: Items, resolution: Optional[int]) -> tuple
     if isinstance(train, ArrayItems):
         _, h, w, c = train.x.shape
         return ((resolution, resolution) if resolution else (w, h)), c
-    assert isinstance(train, FileItems) and isinstance(test, FileItems)
-    firsts = [train.paths[i] for i in np.unique(train.labels, return_index=True)[1]]
-    found = _decode.probe(firsts + train.paths[:64] + test.paths[:8])
+    assert isinstance(train, FileItems)
+    probes: list[str] = []
+    for c in range(min(len(train.counts), 64)):  # the first images of up to 64 classes
+        probes += [p for p, _ in train.files_of(c)[:2]]
+    found = _decode.probe(probes)
     if found is None:
-        raise DatasetError(f"none of the first images of {os.path.dirname(firsts[0])} can be read; check the files")
+        raise DatasetError(f"none of the first images of {os.path.dirname(os.path.dirname(probes[0]))} "
+                           "can be read; check the files")
     size, channels = found
     return ((resolution, resolution) if resolution else size), channels
 
 
 def _count(items: Items) -> int:
-    return len(items.labels) if isinstance(items, FileItems) else len(items.y)
+    return len(items) if isinstance(items, FileItems) else len(items.y)
 
 
 def _bar(progress: bool, total: int, desc: str) -> tqdm:
@@ -154,18 +158,25 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
     with _bar(progress, total, f"decoding {source.name}") as bar:
         if isinstance(train, ArrayItems) and isinstance(test, ArrayItems):
             bad_rows: list[int] = []
+            bad_names: list[str] = []
             sums, sqs = _write_arrays(images_path, [train.x, test.x], size, channels, n_train, bar)
-            names: list[str] = []
             labels = np.concatenate([train.y, test.y]).astype(np.int64)
         else:
             assert isinstance(train, FileItems) and isinstance(test, FileItems)
-            paths = train.paths + test.paths
-            names = train.names + test.names
-            labels = np.concatenate([train.labels, test.labels]).astype(np.int64)
-            bad_rows, sums, sqs = _decode_files(images_path, paths, size, channels, n_train, bar, workers)
+            # written through a memmap, class by class: no array of N labels in memory
+            labels = np.lib.format.open_memmap(os.path.join(tmp, "labels.npy"), mode="w+", dtype=np.int64,
+                                               shape=(total,))
+            row = 0
+            for items in (train, test):
+                for c, n in enumerate(items.counts):
+                    labels[row:row + n] = c
+                    row += n
+            labels.flush()
+            bad, sums, sqs = _decode_files(images_path, [train, test], size, channels, n_train, bar, workers)
+            bad.sort()
+            bad_rows, bad_names = [r for r, _ in bad], [n for _, n in bad]
     skipped: list[str] = []
     if bad_rows:
-        bad_names = [names[i] for i in sorted(bad_rows)]
         if not skip_bad:
             shown = ", ".join(bad_names[:5]) + (" ..." if len(bad_names) > 5 else "")
             raise DatasetError(f"{len(bad_names)} unreadable image(s) in {source.name}: {shown}; "
@@ -174,7 +185,7 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
         keep[bad_rows] = False
         _compact(images_path, keep, row_bytes)
         n_train, n_test = int(keep[:n_train].sum()), int(keep[n_train:].sum())
-        labels = labels[keep]
+        labels = np.asarray(labels)[keep]
         skipped = bad_names
         if n_train == 0:
             raise DatasetError(f"every training image of {source.name} is unreadable; check the files")
@@ -182,7 +193,10 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
     mean = sums / count
     std = np.sqrt(np.maximum(sqs / count - mean**2, 0.0))
     mean, std = mean / 255.0, np.maximum(std / 255.0, 1e-6)
-    np.save(os.path.join(tmp, "labels.npy"), labels)
+    if not isinstance(labels, np.memmap):
+        np.save(os.path.join(tmp, "labels.npy"), labels)
+    else:
+        del labels
     meta = {
         "cache_version": CACHE_VERSION,
         "name": source.name,
@@ -230,36 +244,62 @@ def _write_arrays(path: str, arrays: list[np.ndarray], size: tuple[int, int], ch
     return sums, sqs
 
 
-def _decode_files(path: str, paths: list[str], size: tuple[int, int], channels: int, n_train: int,
-                  bar: tqdm, workers: Optional[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Decode image files into the cache file, in worker processes for large sets."""
+def _tasks(splits: list[FileItems]) -> Iterator[tuple[int, list[str], list[str]]]:
+    """(first row, paths, names) chunks of every class of every split, in row order, lazily."""
+    row = 0
+    for items in splits:
+        for c in range(len(items.counts)):
+            files = items.files_of(c)
+            if len(files) != items.counts[c]:
+                raise DatasetError(f"the folder of class {c} changed while it was read; run again")
+            for s in range(0, len(files), CHUNK):
+                part = files[s:s + CHUNK]
+                yield row, [p for p, _ in part], [n for _, n in part]
+                row += len(part)
+
+
+def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], channels: int, n_train: int,
+                  bar: tqdm, workers: Optional[int]) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray]:
+    """Decode image files into the cache file, in worker processes for large sets.
+
+    At most a few chunks per worker are in flight, and paths are listed class by class, so
+    memory does not grow with the number of images. Returns the bad (row, name) pairs and
+    pixel sums of the good train rows.
+    """
+    total = sum(len(items) for items in splits)
     workers = min(os.cpu_count() or 1, _MAX_WORKERS) if workers is None else max(1, workers)
-    tasks = [(s, paths[s:s + CHUNK]) for s in range(0, len(paths), CHUNK)]
-    bad: list[int] = []
+    bad: list[tuple[int, str]] = []
     sums, sqs = np.zeros(channels), np.zeros(channels)
 
-    def collect(result: tuple[int, int, list[int], np.ndarray, np.ndarray]) -> None:
+    def collect(result: tuple[int, int, list[int], np.ndarray, np.ndarray], names: list[str]) -> None:
         nonlocal sums, sqs
-        _, n, b, s1, s2 = result
-        bad.extend(b)
+        start, n, rows, s1, s2 = result
+        bad.extend((r, names[r - start]) for r in rows)
         sums, sqs = sums + s1, sqs + s2
         bar.update(n)
 
-    if workers == 1 or len(paths) < 4 * CHUNK:
+    if workers == 1 or total < 4 * CHUNK:
         fd = os.open(path, os.O_WRONLY)
         try:
-            for start, chunk in tasks:
-                collect(_decode.decode_into(fd, start, chunk, size, channels, n_train))
+            for start, paths, names in _tasks(splits):
+                collect(_decode.decode_into(fd, start, paths, size, channels, n_train), names)
         finally:
             os.close(fd)
-    else:
-        # fork (as torch's DataLoader on Linux): unlike spawn, it does not re-import the user's
-        # __main__ script in every worker; workers use only numpy and Pillow, never torch.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
-        with ctx.Pool(workers, initializer=_decode.init_worker, initargs=(path, size, channels, n_train)) as pool:
-            for result in pool.imap_unordered(_decode.decode_chunk, tasks):
-                collect(result)
+        return bad, sums, sqs
+    # fork (as torch's DataLoader on Linux): unlike spawn, it does not re-import the user's
+    # __main__ script in every worker; workers use only numpy and Pillow, never torch.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(workers, initializer=_decode.init_worker, initargs=(path, size, channels, n_train)) as pool:
+        in_flight: deque = deque()
+        for start, paths, names in _tasks(splits):
+            in_flight.append((pool.apply_async(_decode.decode_chunk, ((start, paths),)), names))
+            if len(in_flight) >= 4 * workers:
+                result, done_names = in_flight.popleft()
+                collect(result.get(), done_names)
+        while in_flight:
+            result, done_names = in_flight.popleft()
+            collect(result.get(), done_names)
     return bad, sums, sqs
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from d3codec.data import readers
-from d3codec.data.split import holdout_mask
+from d3codec.data.split import holdout_count, holdout_mask
 from d3codec.errors import DatasetError
 
 #: Files an ImageFolder source reads (case-insensitive).
@@ -27,11 +27,17 @@ _EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded",
 
 @dataclass
 class FileItems:
-    """Image files to decode: absolute paths, their names for messages, and labels."""
+    """Image files of one split, grouped by class (labels 0..k-1 in order), listed lazily.
 
-    paths: list[str]
-    names: list[str]
-    labels: np.ndarray
+    `files_of(c)` returns class c's (absolute path, display name) pairs; it re-reads the folder
+    each call, so a split of any size never sits in memory as a list of paths.
+    """
+
+    counts: list[int]
+    files_of: Callable[[int], list[tuple[str, str]]]
+
+    def __len__(self) -> int:
+        return int(sum(self.counts))
 
 
 @dataclass
@@ -186,25 +192,38 @@ def _list_images(class_dir: str) -> list[str]:
     return out
 
 
-def _scan_folder(root: str) -> tuple[list[str], list[list[str]]]:
-    """Class names (sorted sub-folder names) and each class's image files (relative)."""
+def _class_names(root: str) -> list[str]:
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise DatasetError(f"cannot list {root}: {exc.strerror}; check the path and its permissions") from None
-    class_names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    if not class_names:
+    names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if not names:
         loose = sum(1 for e in entries if e.is_file() and _is_image(e.name))
         if loose:
             raise DatasetError(f"{root} holds {loose} images but no class folders; put each class's images in {root}/<class>/")
         raise DatasetError(f"{root} is empty: no class folders with images; expected {root}/<class>/<image>.jpg|png")
-    files = [_list_images(os.path.join(root, c)) for c in class_names]
-    if not any(files):
+    return names
+
+
+def _scan_folder(root: str) -> tuple[list[str], list[int], bytes]:
+    """Class names (sorted sub-folder names), images per class, and a hash of the listing
+    (names, sizes, mtimes). Streams class by class: memory does not grow with the image count."""
+    class_names = _class_names(root)
+    h = hashlib.blake2b(digest_size=16)
+    counts = []
+    for c in class_names:
+        files = _list_images(os.path.join(root, c))
+        for f in files:
+            st = os.stat(os.path.join(root, c, f))
+            h.update(f"{c}/{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        counts.append(len(files))
+    if not any(counts):
         raise DatasetError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); expected {root}/<class>/<image>")
-    empty = [c for c, f in zip(class_names, files) if not f]
+    empty = [c for c, n in zip(class_names, counts) if not n]
     if empty:
         raise DatasetError(f"class folder(s) {', '.join(empty[:5])} in {root} have no images; add images or remove the folder(s)")
-    return class_names, files
+    return class_names, counts, h.digest()
 
 
 def _check_classes(num_classes: int, where: str, names: Optional[list[str]] = None) -> None:
@@ -213,53 +232,41 @@ def _check_classes(num_classes: int, where: str, names: Optional[list[str]] = No
         raise DatasetError(f"{where} has only {num_classes} class{which}; distillation needs at least 2 classes")
 
 
-def _listing_identity(root: str, class_names: list[str], files: list[list[str]]) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for c, fs in zip(class_names, files):
-        for f in fs:
-            st = os.stat(os.path.join(root, c, f))
-            h.update(f"{c}/{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.digest()
-
-
-def _file_items(root: str, class_names: list[str], files: list[list[str]], label_of: dict[str, int]) -> FileItems:
-    paths, names, labels = [], [], []
-    for c, fs in zip(class_names, files):
-        for f in fs:
-            rel = os.path.join(c, f)
-            paths.append(os.path.join(root, rel))
-            names.append(rel)
-            labels.append(label_of[c])
-    return FileItems(paths, names, np.asarray(labels, dtype=np.int64))
+def _class_files(root: str, name: str, part: Optional[bool] = None) -> list[tuple[str, str]]:
+    """(path, name) of a class folder's images; `part` True/False keeps only held-out/other ones."""
+    files = _list_images(os.path.join(root, name))
+    if part is not None:
+        mask = holdout_mask(np.zeros(len(files), dtype=np.int64), files, [name])
+        files = [f for f, m in zip(files, mask) if m == part]
+    return [(os.path.join(root, name, f), os.path.join(name, f)) for f in files]
 
 
 def folder_source(root: str, name: Optional[str] = None, test_root: Optional[str] = None) -> Source:
     """An ImageFolder (`root/<class>/<image>`); test = `test_root` if given, else held out."""
     root = os.path.abspath(root)
-    class_names, files = _scan_folder(root)
+    class_names, counts, digest = _scan_folder(root)
     _check_classes(len(class_names), root, class_names)
-    label_of = {c: i for i, c in enumerate(class_names)}
-    identity = b"folder\0" + _listing_identity(root, class_names, files)
-    test_listing = None
+    identity = b"folder\0" + digest
     if test_root is not None:
         test_root = os.path.abspath(test_root)
-        t_names, t_files = _scan_folder(test_root)
-        unknown = [c for c in t_names if c not in label_of]
+        t_names, t_counts, t_digest = _scan_folder(test_root)
+        unknown = [c for c in t_names if c not in class_names]
         if unknown:
             raise DatasetError(f"test folder {test_root} has classes {unknown[:5]} that {root} lacks; use matching class folders")
-        test_listing = (t_names, t_files)
-        identity += b"\0test\0" + _listing_identity(test_root, t_names, t_files)
+        identity += b"\0test\0" + t_digest
+        test_counts = [t_counts[t_names.index(c)] if c in t_names else 0 for c in class_names]
 
     def load() -> Loaded:
-        items = _file_items(root, class_names, files, label_of)
-        if test_listing is not None:
-            return class_names, items, _file_items(test_root, *test_listing, label_of)  # type: ignore[arg-type]
-        mask = holdout_mask(items.labels, items.names, class_names)
-        pick = lambda m: FileItems([p for p, k in zip(items.paths, m) if k],  # noqa: E731
-                                   [n for n, k in zip(items.names, m) if k], items.labels[m])
-        return class_names, pick(~mask), pick(mask)
+        if test_root is not None:
+            return (class_names, FileItems(counts, lambda c: _class_files(root, class_names[c])),
+                    FileItems(test_counts, lambda c: _class_files(test_root, class_names[c])
+                              if test_counts[c] else []))
+        held = [holdout_count(n) for n in counts]
+        return (class_names,
+                FileItems([n - k for n, k in zip(counts, held)], lambda c: _class_files(root, class_names[c], False)),
+                FileItems(held, lambda c: _class_files(root, class_names[c], True)))
 
-    return Source(name or os.path.basename(root), "folder", identity, test_listing is None, load)
+    return Source(name or os.path.basename(root), "folder", identity, test_root is None, load)
 
 
 def _has_class_folders(path: str) -> bool:
@@ -274,25 +281,23 @@ def _tinyimagenet_source(data_dir: str) -> Source:
         raise DatasetError(f"tinyimagenet: no train/ folder in {data_dir}; point --data-dir at tiny-imagenet-200")
     if not os.path.isfile(annotations):
         return folder_source(train, name="tinyimagenet")
-    class_names, files = _scan_folder(train)
+    class_names, counts, digest = _scan_folder(train)
     _check_classes(len(class_names), train, class_names)
     label_of = {c: i for i, c in enumerate(class_names)}
-    val_rows = []
+    val_dir = os.path.join(root, "val", "images")
+    by_class: list[list[tuple[str, str]]] = [[] for _ in class_names]
     with open(annotations) as f:
         for line in f:
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1] in label_of:
-                val_rows.append((parts[0], parts[1]))
-    val_dir = os.path.join(root, "val", "images")
+                by_class[label_of[parts[1]]].append((os.path.join(val_dir, parts[0]), f"val/{parts[0]}"))
 
     def load() -> Loaded:
         # The official val split is the test split, so train keeps every train image.
-        test = FileItems([os.path.join(val_dir, f) for f, _ in val_rows], [f"val/{f}" for f, _ in val_rows],
-                         np.asarray([label_of[w] for _, w in val_rows], dtype=np.int64))
-        return class_names, _file_items(train, class_names, files, label_of), test
+        return (class_names, FileItems(counts, lambda c: _class_files(train, class_names[c])),
+                FileItems([len(v) for v in by_class], lambda c: by_class[c]))
 
-    identity = (b"tinyimagenet\0" + _listing_identity(train, class_names, files)
-                + readers.file_digest(annotations))
+    identity = b"tinyimagenet\0" + digest + readers.file_digest(annotations)
     return Source("tinyimagenet", "folder", identity, False, load)
 
 
