@@ -1,0 +1,603 @@
+"""Federated distillation: split the classes into subtasks, distil each on its own (own experts, own
+decoder, its share of the budget), in parallel on torch.distributed ranks, then merge.
+
+`plan_federated` fixes everything before any training: the class groups (`contiguous` as in the
+paper, or `balanced` by image count), each subtask's seed (derived from the global seed and the
+subtask index, never from a rank), K latents and dimension D shared by all subtasks (the merged
+priors are one [N, K, D] tensor), the label storage and teacher of the merged file, and the
+per-subtask byte share: budget / subtasks less the merged file's shared parts (header, soft
+labels), searched so that the merged file's strict size bound fits the budget.
+
+`encode_federated` runs it: serially, with `nproc` local processes, or under `torchrun` (ranks
+from RANK / WORLD_SIZE / LOCAL_RANK, a gloo group only for barriers). Task t (subtasks, then the
+teacher when labels are soft) goes to rank t % world. Each finished subtask is written at once,
+atomically, as a valid part file in `<output>.parts/`; a rerun of the same command reuses every
+part whose run key matches and resumes unfinished subtasks from their checkpoints, so the final
+file is the one an uninterrupted run writes. All compute runs with one intra-op thread per process:
+that, and seeds that ignore ranks, make serial, torchrun and separate `--subtask` jobs + `merge`
+byte-identical on CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from d3codec._version import __version__
+from d3codec.encode.api import EncodeOptions, encode, plan_for
+from d3codec.encode.classifier import derive_seed
+from d3codec.encode.labels import LabelStorage
+from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
+from d3codec.encode.planner import Plan, plan_budget
+from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.types import Budget, D3File
+
+Log = Callable[[str], None]
+
+SPLITS = ("contiguous", "balanced")
+#: Bumped when the federated plan or part layout changes (part of every run key).
+FEDERATED_VERSION = 1
+#: Share searches: at most this many planner passes over all subtasks.
+_SEARCH_PASSES = 6
+
+
+# ---------------------------------------------------------------- splitting
+
+def split_classes(num_classes: int, subtasks: int, mode: str = "contiguous",
+                  counts: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """Class ids of each subtask. Group sizes differ by at most one class; `contiguous` takes runs
+    of consecutive ids (the paper), `balanced` gives each class, largest first, to the open group
+    with the fewest images so far (`counts`: images per class)."""
+    if mode not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, not {mode!r}")
+    if subtasks < 1:
+        raise ConfigError(f"--subtasks must be at least 1, got {subtasks}")
+    if num_classes < 2 * subtasks:
+        raise ConfigError(f"{num_classes} classes cannot make {subtasks} subtasks of at least 2 classes each "
+                          f"(experts need 2); use --subtasks {max(1, num_classes // 2)} or fewer")
+    base, extra = divmod(num_classes, subtasks)
+    sizes = [base + (1 if i < extra else 0) for i in range(subtasks)]
+    if mode == "contiguous":
+        starts = np.cumsum([0] + sizes)
+        return [list(range(int(starts[i]), int(starts[i + 1]))) for i in range(subtasks)]
+    if counts is None or len(counts) != num_classes:
+        raise ConfigError("a balanced split needs the image count of every class")
+    groups: list[list[int]] = [[] for _ in range(subtasks)]
+    load = [0] * subtasks
+    for c in sorted(range(num_classes), key=lambda c: (-int(counts[c]), c)):
+        open_ = [g for g in range(subtasks) if len(groups[g]) < sizes[g]]
+        g = min(open_, key=lambda g: (load[g], len(groups[g]), g))
+        groups[g].append(c)
+        load[g] += int(counts[c])
+    groups = [sorted(g) for g in groups]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def assigned_tasks(num_tasks: int, rank: int, world: int) -> list[int]:
+    """Round-robin: the tasks rank `rank` of `world` runs (task t goes to rank t % world)."""
+    return [t for t in range(num_tasks) if t % world == rank]
+
+
+def subtask_seed(seed: int, index: int) -> int:
+    """Seed of subtask `index` (its experts, latents, decoder): from the global seed alone."""
+    return derive_seed(seed, "federated-subtask", index)
+
+
+def _ranges(classes: Sequence[int], limit: int = 60) -> str:
+    """`0-199` / `0,3,5-9` (cut at `limit` characters)."""
+    out: list[str] = []
+    run: list[int] = []
+    for c in list(classes) + [None]:  # type: ignore[list-item]
+        if run and (c is None or c != run[-1] + 1):
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+            run = []
+        if c is not None:
+            run.append(c)
+    text = ",".join(out)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- planning
+
+@dataclass
+class FederatedPlan:
+    """Everything a federated run does, fixed before training starts."""
+
+    budget: Budget
+    split: str
+    groups: list[list[int]]
+    seeds: list[int]
+    share: int                      # bytes each part may take
+    plans: list[Plan]               # each subtask's planner output (at `share`)
+    labels: LabelStorage            # of the merged file
+    teacher: Optional[dict[str, Any]]
+    run: str                        # run key: hash of every setting that shapes the result
+    merged_provenance: dict[str, Any]
+    bound: int                      # merged file: strict upper bound (or estimate when not guaranteed)
+    breakdown: dict[str, int]       # merged file: part -> bytes (upper bounds)
+    guaranteed: bool
+    num_classes: int
+    images: list[int]               # training images per subtask
+    data: Optional[DataSpec] = None
+    options: EncodeOptions = field(default_factory=EncodeOptions)
+
+    @property
+    def subtasks(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_tasks(self) -> int:
+        """Subtasks, plus the teacher's training when the merged file has soft labels."""
+        return self.subtasks + (1 if self.teacher is not None else 0)
+
+    def part_budget(self) -> Budget:
+        return Budget(bytes=self.share, unit="bytes", ipc=None, spec=str(self.share))
+
+    def record(self, index: int, share: Optional[int] = None) -> dict[str, Any]:
+        """The `federated` provenance record of part `index` (what `merge` reads)."""
+        return {"run": self.run, "subtask": index, "subtasks": self.subtasks, "num_classes": self.num_classes,
+                "budget": asdict(self.budget), "share": self.share if share is None else share,
+                "labels": asdict(self.labels), "teacher": self.teacher, "guaranteed": self.guaranteed,
+                "merged": self.merged_provenance, "dataset": self.data.to_json() if self.data else None}
+
+    def subtask_options(self, index: int, share: Optional[int] = None) -> EncodeOptions:
+        """The single-task `encode` options of subtask `index`."""
+        return _subtask_options(self.options, self.groups[index], self.seeds[index],
+                                self.plans[0].latents_per_class if self.plans else None,
+                                self.plans[0].latent_dim if self.plans else None, self.record(index, share))
+
+    def summary(self) -> str:
+        b = self.budget
+        lines = [f"federated plan: {self.subtasks} subtasks ({self.split} split) of {self.num_classes:,} classes, "
+                 f"budget {b.bytes:,} bytes ({b.spec or b.unit}), run {self.run[:12]}",
+                 f"merged file {'at most' if self.guaranteed else 'estimated at'} {self.bound:,} bytes "
+                 f"({100.0 * self.bound / b.bytes:.1f}% of budget): "
+                 + ", ".join(f"{k} {v:,}" for k, v in self.breakdown.items()),
+                 f"labels {self.labels.describe()}"
+                 + (f" from a teacher over all classes ({self.teacher['experts']} expert x "
+                    f"{self.teacher['epochs']} epochs)" if self.teacher else ""),
+                 f"each subtask: at most {self.share:,} bytes (budget / {self.subtasks} less the shared parts)"]
+        for i, (g, plan) in enumerate(zip(self.groups, self.plans)):
+            parts = ", ".join(f"{k} {v:,}" for k, v in plan.breakdown.items())
+            lines.append(f"  subtask {i}: classes {_ranges(g)} ({len(g)} classes, {self.images[i]:,} images); "
+                         f"decoder {plan.family} width {plan.hparams.get('width')} ({plan.num_params:,} params, "
+                         f"{plan.weight_dtype}), K={plan.latents_per_class}, D={plan.latent_dim}; "
+                         f"part {'<=' if plan.guaranteed else '~'} {plan.bound:,} bytes ({parts})")
+        return "\n".join(lines)
+
+
+def _subtask_options(options: EncodeOptions, classes: Sequence[int], seed: int, k: Optional[int], d: Optional[int],
+                     record: dict[str, Any]) -> EncodeOptions:
+    return replace(options, classes=list(classes), seed=seed, latents_per_class=k, latent_dim=d, labels="hard",
+                   dry_run=False, resume=True, extra_provenance={**options.extra_provenance, RECORD: record})
+
+
+def _run_key(dataset: Any, budget: Budget, split: str, groups: list[list[int]], seed: int, options: EncodeOptions,
+             k: int, d: int, labels: LabelStorage, teacher: Optional[dict[str, Any]]) -> str:
+    cfg = options.distill_config()
+    text = json.dumps({"v": FEDERATED_VERSION, "d3codec": __version__, "fingerprint": dataset.fingerprint,
+                       "budget": budget.bytes, "split": split, "groups": groups, "seed": seed,
+                       "config": cfg.to_json(), "experts": list(options.expert_settings(cfg)), "k": k, "d": d,
+                       "labels": asdict(labels), "teacher": teacher, "weights": options.weight_dtype,
+                       "latents": options.latent_dtype, "width": options.width, "device": str(options.device),
+                       "threads": 1}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions, subtasks: int,
+                   split: str = "contiguous", data: Optional[DataSpec] = None) -> FederatedPlan:
+    """The whole run's plan (see the module docstring); `BudgetError` when the parts cannot fit."""
+    from d3codec.format.budget import parse_budget
+    from d3codec.format.io import size_upper_bound
+
+    if options.classes is not None:
+        raise ConfigError("--classes and --subtasks do not combine; subtasks split all classes of the dataset")
+    metadata = dataset.metadata()
+    n = metadata.num_classes
+    b = budget if isinstance(budget, Budget) else parse_budget(budget, n, metadata.image_shape)
+    counts = np.bincount(np.asarray(dataset.labels, dtype=np.int64), minlength=n)
+    groups = split_classes(n, subtasks, split, counts.tolist())
+    cfg = options.distill_config()
+    n_exp, n_ep = options.expert_settings(cfg)
+    # K, D and label storage of the merged file: what the single-task plan of all classes picks.
+    whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
+                        width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
+                        labels=options.labels)
+    k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
+    teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
+                                                   "seed": derive_seed(options.seed, "federated-teacher")}
+    seeds = [subtask_seed(options.seed, i) for i in range(subtasks)]
+    run = _run_key(dataset, b, split, groups, options.seed, options, k, d, labels, teacher)
+    merged_prov = {"encoder": f"d3codec {__version__}", "seed": options.seed, "objective": cfg.objective,
+                   "iterations": cfg.iterations, "experts": [n_exp, n_ep],
+                   "federated": {"subtasks": subtasks, "split": split, "teacher": teacher}}
+    fplan = FederatedPlan(budget=b, split=split, groups=groups, seeds=seeds, share=b.bytes // subtasks, plans=[],
+                          labels=labels, teacher=teacher, run=run, merged_provenance=merged_prov, bound=0,
+                          breakdown={}, guaranteed=True, num_classes=n,
+                          images=[int(counts[g].sum()) for g in groups], data=data, options=options)
+
+    def plans_at(share: int) -> list[Plan]:
+        fplan.share = share
+        part = fplan.part_budget()
+        out = []
+        for i in range(subtasks):
+            sub = _subtask_options(options, groups[i], seeds[i], k, d, fplan.record(i, share))
+            try:
+                out.append(plan_for(dataset, part, sub)[0])
+            except BudgetError:
+                raise BudgetError(f"budget {b.bytes:,} bytes is too small for {subtasks} subtasks: each part gets "
+                                  f"about {share:,} bytes, less than its smallest decoder needs; raise --budget or "
+                                  "use fewer --subtasks") from None
+        return out
+
+    def merged_size(plans: list[Plan]) -> tuple[int, D3File, bool]:
+        """The strict bound when it fits or every part plan is guaranteed; else a compressed estimate."""
+        pairs = list(zip(groups, plans))
+        placeholder = placeholder_merged(metadata, pairs, labels, merged_prov, b)
+        bound = size_upper_bound(placeholder)
+        if bound <= b.bytes or all(p.guaranteed for p in plans):
+            return bound, placeholder, True
+        return _estimate(placeholder_merged(metadata, pairs, labels, merged_prov, b, random=True)), placeholder, False
+
+    share = b.bytes // subtasks
+    best: Optional[tuple[int, list[Plan], int, D3File, bool]] = None
+    for _ in range(_SEARCH_PASSES):
+        plans = plans_at(share)
+        size, placeholder, strict = merged_size(plans)
+        if size <= b.bytes:
+            if best is None or share > best[0]:
+                best = (share, plans, size, placeholder, strict)
+            slack = (b.bytes - size) // subtasks
+            if slack < 8:
+                break
+            share += slack
+        else:
+            if best is not None:
+                break
+            share -= max(1, math.ceil((size - b.bytes) / subtasks))
+    if best is None:
+        raise BudgetError(f"budget {b.bytes:,} bytes is too small for {subtasks} subtasks after their shared "
+                          f"parts (merged header, labels); raise --budget or use fewer --subtasks")
+    fplan.share, fplan.plans, fplan.bound, placeholder, fplan.guaranteed = best
+    fplan.guaranteed = fplan.guaranteed and all(p.guaranteed for p in fplan.plans)
+    fplan.breakdown = _merged_breakdown(placeholder, fplan.bound)
+    return fplan
+
+
+def _estimate(d3: D3File) -> int:
+    """Compressed size of an incompressible-valued placeholder plus the widest JSON of every scale
+    and zero point, plus a 2% + 64 byte margin (as the planner estimates tiny files)."""
+    from d3codec.format.io import encoded_size
+
+    size = encoded_size(d3)
+    stored = [*(s for dec in d3.decoders for s in dec.weights.values()), d3.priors.mean, d3.priors.logvar,
+              *(s for s in (d3.labels.probs, d3.labels.values) if s is not None)]
+    slack = sum(18 * len(s.scale or ()) + 4 * len(s.zero_point or ()) for s in stored if s is not None)
+    return size + slack + size // 50 + 64
+
+
+def _merged_breakdown(d3: D3File, bound: int) -> dict[str, int]:
+    priors = sum(s.nbytes for s in (d3.priors.mean, d3.priors.logvar) if s is not None)
+    decoders = sum(s.nbytes for dec in d3.decoders for s in dec.weights.values())
+    lab = d3.labels
+    labels = sum(s.nbytes for s in (lab.probs, lab.indices, lab.values) if s is not None)
+    return {"priors": priors, "decoders": decoders, "labels": labels,
+            "header etc": bound - priors - decoders - labels}
+
+
+# ---------------------------------------------------------------- running
+
+def part_path(workdir: str, index: int) -> str:
+    return os.path.join(workdir, f"part-{index:03d}.d3")
+
+
+def finished_part(path: str, run: str, index: int) -> Optional[D3File]:
+    """The part at `path` when it is a complete part of this run's subtask `index`, else None."""
+    from d3codec.format.io import load
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        d3 = load(path)
+    except ConfigError:
+        raise
+    except Exception:  # damaged or foreign file: redo the subtask
+        return None
+    record = d3.provenance.get(RECORD)
+    if isinstance(record, dict) and record.get("run") == run and record.get("subtask") == index:
+        return d3
+    return None
+
+
+def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, device: Optional[str] = None,
+                log: Optional[Log] = None) -> D3File:
+    """Distil subtask `index` into the part file `path` (atomic), unless it is already there.
+
+    Resumes from `path.ckpt` when an earlier run of the same plan stopped inside this subtask; a
+    checkpoint of another run (noted in `path.run`) is discarded.
+    """
+    say: Log = log or (lambda s: None if fplan.options.quiet else print(s, file=sys.stderr))
+    done = finished_part(path, fplan.run, index)
+    if done is not None:
+        say(f"subtask {index}: already done ({path})")
+        return done
+    marker = path + ".run"
+    stale = os.path.isfile(marker) and open(marker).read().strip() != fplan.run
+    if stale or not os.path.isfile(marker):
+        try:
+            os.unlink(path + ".ckpt")
+        except OSError:
+            pass
+        tmp = f"{marker}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(fplan.run + "\n")
+        os.replace(tmp, marker)
+    options = fplan.subtask_options(index)
+    if device is not None:
+        options = replace(options, device=device)
+    say(f"subtask {index}: {len(fplan.groups[index])} classes ({_ranges(fplan.groups[index])}), "
+        f"at most {fplan.share:,} bytes -> {path}")
+    with single_thread():
+        d3 = encode(dataset, fplan.part_budget(), path, options, log=say)
+    assert isinstance(d3, D3File)
+    try:
+        os.unlink(marker)
+    except OSError:
+        pass
+    return d3
+
+
+def run_teacher(dataset: Any, fplan: FederatedPlan, device: Optional[str] = None) -> None:
+    """Train (or find cached) the merged file's teacher over all classes, as `merge` will ask for it."""
+    from d3codec.encode.experts import ensure_experts
+
+    if fplan.teacher is None:
+        return
+    cache_dir = fplan.data.cache_dir if fplan.data else fplan.options.cache_dir
+    with single_thread():
+        ensure_experts(dataset, num_experts=fplan.teacher["experts"], epochs=fplan.teacher["epochs"],
+                       seed=fplan.teacher["seed"], cache_dir=cache_dir, device=device or fplan.options.device,
+                       progress=not fplan.options.quiet)
+
+
+def run_tasks(dataset: Any, fplan: FederatedPlan, workdir: str, rank: int, world: int,
+              device: Optional[str] = None, log: Optional[Log] = None) -> list[int]:
+    """Run this rank's tasks (round-robin over subtasks, then the teacher); returns their indices."""
+    tasks = assigned_tasks(fplan.num_tasks, rank, world)
+    for t in tasks:
+        if t < fplan.subtasks:
+            run_subtask(dataset, fplan, t, part_path(workdir, t), device=device, log=log)
+        else:
+            run_teacher(dataset, fplan, device)
+    return tasks
+
+
+def _rank_device(device: str, local_rank: int) -> str:
+    """`cuda` -> `cuda:<local rank>` (one GPU per process); anything else unchanged."""
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def _process_job(data: DataSpec, fplan: FederatedPlan, workdir: str, rank: int, world: int) -> list[int]:
+    """One local process of `--nproc` (spawned: reopens the dataset from the cache)."""
+    torch.set_num_threads(1)
+    dataset = data.open("train")
+    prefix = f"[process {rank}] "
+    say = None if fplan.options.quiet else (lambda s: print(prefix + s.replace("\n", "\n" + prefix), file=sys.stderr))
+    return run_tasks(dataset, fplan, workdir, rank, world, _rank_device(fplan.options.device, rank), log=say)
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} / WORLD_SIZE={world} do not fit together; run under torchrun")
+    return rank, world, local
+
+
+def encode_federated(data: Optional[DataSpec], budget: Union[str, int, Budget], output: Optional[str],
+                     options: Optional[EncodeOptions] = None, *, subtasks: int, split: str = "contiguous",
+                     subtask: Optional[int] = None, nproc: int = 1, dataset: Any = None,
+                     log: Optional[Log] = None) -> Union[D3File, FederatedPlan, None]:
+    """Distil the dataset as `subtasks` subtasks and merge them into `output` (see module docstring).
+
+    `subtask=i`: only subtask i, written as the part file `output` (for batch-cluster jobs; merge
+    the parts with `merge_parts`). `nproc`: local processes. Under torchrun every rank calls this;
+    rank 0 merges and returns the file, the others return None. `dry_run` returns the plan after
+    printing it with a compute estimate from a short timed probe.
+    """
+    options = options or EncodeOptions()
+    say: Log = log or (lambda s: None if options.quiet else print(s, file=sys.stderr))
+    if dataset is None:
+        if data is None:
+            raise ConfigError("give the dataset (an ImageDataset or a DataSpec)")
+        dataset = data.open("train", progress=not options.quiet)
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    rank, world, local_rank = torchrun_env()
+    if world > 1 and nproc > 1:
+        raise ConfigError("--nproc is for local runs; under torchrun the ranks are the processes (drop --nproc)")
+    if subtask is not None and not 0 <= subtask < subtasks:
+        raise ConfigError(f"--subtask must be in 0..{subtasks - 1} for --subtasks {subtasks}, got {subtask}")
+    with single_thread():
+        fplan = plan_federated(dataset, budget, options, subtasks, split, data)
+    if rank == 0:
+        say(fplan.summary())
+    if options.dry_run:
+        if rank == 0:
+            say(render_estimate(estimate_cost(dataset, fplan), fplan, max(world, nproc)))
+        return fplan
+    if output is None:
+        raise ConfigError("give an output file with -o/--output (or use --dry-run)")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"output folder {out_dir} does not exist; create it or choose another -o path")
+    if subtask is not None:
+        if world > 1:
+            raise ConfigError("--subtask runs one subtask in one process; run it without torchrun")
+        return run_subtask(dataset, fplan, subtask, output, log=say)
+    workdir = os.path.abspath(output) + ".parts"
+    os.makedirs(workdir, exist_ok=True)
+    if world > 1:
+        return _run_torchrun(dataset, fplan, workdir, output, rank, world, local_rank, say)
+    if nproc > 1:
+        if data is None:
+            raise ConfigError("--nproc needs a dataset reference (DataSpec) the processes can reopen")
+        _run_local_processes(data, fplan, workdir, nproc)
+    else:
+        run_tasks(dataset, fplan, workdir, 0, 1, log=say)
+    return _merge_and_clean(dataset, fplan, workdir, output, say)
+
+
+def _merge_and_clean(dataset: Any, fplan: FederatedPlan, workdir: str, output: str, say: Log) -> D3File:
+    paths = [part_path(workdir, i) for i in range(fplan.subtasks)]
+    d3 = merge_parts(paths, output, dataset=dataset, data=fplan.data, device=fplan.options.device,
+                     quiet=fplan.options.quiet, log=say)
+    for p in paths:
+        for extra in (p, p + ".run", p + ".ckpt"):
+            try:
+                os.unlink(extra)
+            except OSError:
+                pass
+    try:
+        os.rmdir(workdir)
+    except OSError:
+        pass  # something else lives there: leave it
+    return d3
+
+
+def _run_local_processes(data: DataSpec, fplan: FederatedPlan, workdir: str, nproc: int) -> None:
+    """`nproc` spawned processes, process r running tasks r, r + nproc, ...; errors re-raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(nproc, fplan.num_tasks)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_process_job, data, fplan, workdir, r, workers) for r in range(workers)]
+        for f in futures:
+            f.result()
+
+
+def _run_torchrun(dataset: Any, fplan: FederatedPlan, workdir: str, output: str, rank: int, world: int,
+                  local_rank: int, say: Log) -> Optional[D3File]:
+    """Under torchrun: this rank's tasks, a barrier, then rank 0 merges."""
+    import datetime
+
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        # Subtasks can take hours; a dead rank makes torchrun stop the others, so wait long.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    prefix = f"[rank {rank}] "
+    rank_say: Log = lambda s: say(prefix + s.replace("\n", "\n" + prefix))  # noqa: E731
+    try:
+        run_tasks(dataset, fplan, workdir, rank, world, _rank_device(fplan.options.device, local_rank), log=rank_say)
+        dist.barrier()
+        result = _merge_and_clean(dataset, fplan, workdir, output, say) if rank == 0 else None
+        dist.barrier()
+        return result
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- dry-run estimate
+
+class _ProbeExperts:
+    """Stand-in experts for the timing probe: random ConvNet parameters, no training needed."""
+
+    def __init__(self, real: Any, epochs: int, seed: int) -> None:
+        from d3codec.models.convnet import flatten_params, init_params
+
+        self._shape = real.image_shape
+        self._classes = real.num_classes
+        self._flat = flatten_params(init_params(self.build_model(), torch.Generator().manual_seed(seed))).detach()
+        self.num_experts, self.num_epochs = 1, epochs
+
+    def build_model(self) -> Any:
+        from d3codec.models.convnet import ConvNet
+
+        c, h, w = self._shape
+        return ConvNet(c, self._classes, (h, w), width=128)
+
+    def flat_at(self, i: int, epoch: int) -> torch.Tensor:
+        return self._flat
+
+
+def estimate_cost(dataset: Any, fplan: FederatedPlan, probe_seconds: float = 2.0) -> dict[str, float]:
+    """Seconds of compute per subtask and for the teacher, from a short timed probe on subtask 0
+    (distillation iterations with stand-in experts; expert training steps on a real batch)."""
+    from d3codec.encode.classifier import default_augment
+    from d3codec.encode.distill import Distiller
+    from d3codec.models.convnet import ConvNet
+
+    options = fplan.subtask_options(0)
+    cfg = options.distill_config()
+    n_exp, n_ep = options.expert_settings(cfg)
+    real = dataset.subset(fplan.groups[0])
+    device = options.device
+    with single_thread():
+        distiller = Distiller(fplan.plans[0], real.metadata(), real, _ProbeExperts(real, n_ep, 0), cfg, device=device)
+        distiller.step()  # warm-up
+        runs, start = 0, time.perf_counter()
+        while runs < 3 and (runs == 0 or time.perf_counter() - start < probe_seconds):
+            distiller.step()
+            runs += 1
+        _sync(device)
+        per_iteration = (time.perf_counter() - start) / runs
+        c, h, w = real.image_shape
+        net = ConvNet(c, real.num_classes, (h, w), width=128).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        aug = default_augment()
+        batch = min(256, len(real))
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(real), generator=gen)[:batch].numpy()
+        x, y = real.batch(idx, device), real.label_tensor(idx, device)
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(net(aug(x, torch.Generator().manual_seed(1))), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        per_image = min(times) / batch
+    out: dict[str, float] = {"seconds_per_iteration": per_iteration, "seconds_per_expert_image": per_image}
+    n0 = len(fplan.groups[0])
+    for i, g in enumerate(fplan.groups):
+        distil = cfg.iterations * per_iteration * len(g) / n0
+        experts = n_exp * n_ep * fplan.images[i] * per_image
+        out[f"subtask {i}"] = distil + experts
+    if fplan.teacher is not None:
+        out["teacher"] = fplan.teacher["epochs"] * sum(fplan.images) * per_image
+    return out
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def render_estimate(cost: dict[str, float], fplan: FederatedPlan, ranks: int) -> str:
+    """The dry-run's estimate lines: device-hours in all, and the wall time with `ranks` processes."""
+    device = str(fplan.options.device)
+    kind = "GPU" if device.startswith("cuda") else "CPU-process"
+    tasks = [cost[f"subtask {i}"] for i in range(fplan.subtasks)] + ([cost["teacher"]] if "teacher" in cost else [])
+    total = sum(tasks)
+    wall = max(sum(tasks[t] for t in assigned_tasks(len(tasks), r, ranks)) for r in range(max(1, ranks)))
+    return (f"estimate from a timed probe on {device}: {cost['seconds_per_iteration']:.3f} s per distillation "
+            f"iteration (subtask 0), {1e3 * cost['seconds_per_expert_image']:.3f} ms per expert training image; "
+            f"about {total / 3600:.2f} {kind}-hours in all (subtasks + teacher), "
+            f"{wall / 3600:.2f} h wall with {ranks} process(es)")
