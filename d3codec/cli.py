@@ -273,6 +273,14 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--experts", "num_experts", type=int, help="Experts to train/reuse (default: 1 on CPU for mmd).")
 @click.option("--expert-epochs", type=int, help="Epochs per expert.")
 @click.option("--unroll", type=click.Choice(["exact", "tesla", "naive"]), help="Trajectory-matching gradient.")
+@click.option("--subtasks", type=int, help="Federated: split the classes into N subtasks (own experts, decoder, "
+              "budget share), run them in parallel ranks, merge into one file.")
+@click.option("--subtask", type=int, help="With --subtasks: run only subtask I and write its part file to -o "
+              "(batch-cluster jobs; then d3codec merge).")
+@click.option("--split", type=click.Choice(["contiguous", "balanced"]), help="With --subtasks: contiguous class "
+              "ranges (default, as the paper) or balanced by image count.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="With --subtasks: local processes (under torchrun the ranks are the processes).")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars.")
 def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
@@ -280,7 +288,8 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
                device: str, classes: Optional[str], resume: bool, checkpoint_every: int, dry_run: bool,
                weights_dtype: str, latent_dtype: str, labels: str, latents_per_class: Optional[int],
                latent_dim: Optional[int], width: Optional[int], num_experts: Optional[int],
-               expert_epochs: Optional[int], unroll: Optional[str], threads: Optional[int], quiet: bool) -> None:
+               expert_epochs: Optional[int], unroll: Optional[str], subtasks: Optional[int], subtask: Optional[int],
+               split: Optional[str], nproc: int, threads: Optional[int], quiet: bool) -> None:
     """Distil DATASET's train split into one .d3 file of at most --budget bytes (D3: K Gaussian
     latents per class and a decoder). Prints the plan and byte breakdown first; Ctrl-C saves a
     checkpoint that --resume continues from. The same seed on CPU gives byte-identical files."""
@@ -301,4 +310,58 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
                             latent_dim=latent_dim, width=width, num_experts=num_experts,
                             expert_epochs=expert_epochs, cache_dir=cache_dir,
                             overrides={"unroll": unroll} if unroll else {})
+    if subtasks is not None or subtask is not None or split is not None or nproc != 1:
+        _encode_federated(dataset, train, budget, output, options, data_dir=data_dir, resolution=resolution,
+                          skip_bad_images=skip_bad_images, cache_dir=cache_dir, subtasks=subtasks, subtask=subtask,
+                          split=split, nproc=nproc, threads=threads)
+        return
     encode(train, budget, output, options)
+
+
+# ---- federated encode (--subtasks/--subtask/--split/--nproc) and merge (encode/federated, encode/merge) ----
+
+def _encode_federated(spec: str, train: Any, budget: str, output: Optional[str], options: Any, *,
+                      data_dir: Optional[str], resolution: Optional[int], skip_bad_images: bool,
+                      cache_dir: Optional[str], subtasks: Optional[int], subtask: Optional[int],
+                      split: Optional[str], nproc: int, threads: Optional[int]) -> None:
+    """`encode --subtasks K`: serially, with --nproc local processes, or as this torchrun rank."""
+    from d3codec.encode.federated import encode_federated
+    from d3codec.encode.merge import DataSpec
+    from d3codec.errors import ConfigError
+
+    if subtasks is None:
+        raise ConfigError("--subtask, --split and --nproc go with --subtasks N; add --subtasks")
+    if threads:
+        raise ConfigError("--threads does not apply with --subtasks: each process computes with one thread so that "
+                          "results do not depend on the rank count; use --nproc N (or torchrun) for parallelism")
+    data = DataSpec.of(spec, data_dir, resolution, skip_bad_images, cache_dir)
+    encode_federated(data, budget, output, options, subtasks=subtasks, split=split or "contiguous",
+                     subtask=subtask, nproc=nproc, dataset=train)
+
+
+@cli.command("merge")
+@click.argument("parts", nargs=-1, required=True, metavar="PART...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The merged .d3 file to write.")
+@click.option("--dataset", "spec", metavar="DATASET",
+              help="The dataset the parts were encoded from (default: the one they record), for the soft labels.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with a builtin dataset's files.")
+@click.option("--resolution", type=int, help="Resize images to N x N (as the parts were encoded).")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Cache folder (default: the one the parts record, else $D3CODEC_CACHE or ~/.cache/d3codec).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir: Optional[str],
+              resolution: Optional[int], cache_dir: Optional[str], device: str, quiet: bool) -> None:
+    """Merge the part files of `encode --subtasks K --subtask i` jobs into one .d3 file: all decoders,
+    the class-to-decoder map, all priors, then soft labels from a teacher over all classes (trained
+    on the full data if none is cached). Refuses parts that do not fit together, naming the part:
+    other data, other format version, other run settings, overlapping or missing classes, or a part
+    over its share of the budget."""
+    from d3codec.encode.merge import DataSpec, merge_parts
+
+    from d3codec.errors import ConfigError
+
+    if not spec and (data_dir or resolution or cache_dir):
+        raise ConfigError("--data-dir, --resolution and --cache-dir describe --dataset; give --dataset too")
+    data = DataSpec.of(spec, data_dir, resolution, False, cache_dir) if spec else None
+    merge_parts(list(parts), output, data=data, device=device, quiet=quiet)
