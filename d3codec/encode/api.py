@@ -167,7 +167,7 @@ def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance
     if labels is None:
         teacher = experts.teacher(device=device)
         labels = store_labels(teacher_probs(teacher, mean_images).cpu(), plan.labels)
-    state = export_state(distiller.decoder)
+    state = export_state(distiller.decoder)  # frozen: the folded, stored-form decoder
     weights = store_decoder_state({k: v.detach().cpu() for k, v in state.items()}, plan.weight_dtype)
     classes = list(range(len(real.classes)))
     metadata = real.metadata()

@@ -7,10 +7,10 @@ random expert epoch, unrolled in constant activation memory, learnable step size
 then (p - mean) / std, the space real images live in, before any network sees them.
 
 The decoder's BatchNorm uses batch statistics while it trains; for the final phase (`final_fraction`
-of the iterations) its statistics are calibrated over a large draw of the priors and frozen (eval
-mode), and its weights are fake-quantised to their storage dtype (quantisation-aware training), so
-what the last iterations optimise is exactly what the file stores and decoding never depends on
-batch-mates. Every random draw comes from one `torch.Generator`, checkpointed with the state.
+of the iterations) its statistics are calibrated over a large draw of the priors and folded into the
+convolutions (the `norm="none"` decoder the file stores), and its weights are fake-quantised to
+their storage dtype (quantisation-aware training), so what the last iterations optimise is exactly
+what the file stores and decoding never depends on batch-mates. Every random draw comes from one `torch.Generator`, checkpointed with the state.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class Distiller:
         self.num_classes = len(real.classes)
         self.generator = torch.Generator().manual_seed(config.seed)
         n, k, d = self.num_classes, plan.latents_per_class, plan.latent_dim
-        self.decoder = build_decoder(plan.family, plan.version, plan.hparams)
+        self.decoder = build_decoder(plan.family, plan.version, plan.train_hparams or plan.hparams)
         _init_module(self.decoder, self.generator)
         self.decoder.to(self.device)
         self.mean = nn.Parameter(torch.randn(n, k, d, generator=self.generator).to(self.device))
@@ -247,7 +247,10 @@ class Distiller:
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Calibrate the decoder's BatchNorm statistics on a large draw of the priors, then use them."""
+        """Calibrate BatchNorm statistics on a large draw of the priors, fold them into the
+        convolutions and go on with that decoder: the architecture and weights the file stores."""
+        from d3codec.models.registry import build_decoder, fold_batchnorm
+
         for m in self.decoder.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
@@ -258,7 +261,20 @@ class Distiller:
         for chunk in z.split(512):
             self.decoder(chunk)
         self.decoder.eval()
+        hparams, state = fold_batchnorm(self.decoder)
+        if hparams != self.plan.hparams:
+            raise RuntimeError(f"folded decoder hparams {hparams} differ from the plan's {self.plan.hparams}")
+        self._use_folded(state)
         self.frozen = True
+
+    def _use_folded(self, state: dict[str, torch.Tensor]) -> None:
+        """Swap in the stored-form decoder (no BatchNorm) with `state`; a fresh Adam for it."""
+        from d3codec.models.registry import build_decoder
+
+        folded = build_decoder(self.plan.family, self.plan.version, self.plan.hparams)
+        folded.load_state_dict(state)
+        self.decoder = folded.to(self.device).eval()
+        self.opt_decoder = torch.optim.Adam(self.decoder.parameters(), lr=self.config.lr_decoder, weight_decay=1e-5)
 
     # ---------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -282,6 +298,8 @@ class Distiller:
             self.mean.copy_(tensors["mean"])
             self.logvar.copy_(tensors["logvar"])
             self.syn_lr.copy_(tensors["syn_lr"])
+        if meta["frozen"] and not self.frozen:
+            self._use_folded({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         self.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         self.generator.set_state(tensors["rng"])
         for name, opt in (("opt_latents", self.opt_latents), ("opt_decoder", self.opt_decoder), ("opt_lr", self.opt_lr)):
@@ -289,11 +307,6 @@ class Distiller:
         self.iteration = int(meta["iteration"])
         self.last = dict(meta.get("last", {}))
         self.frozen = bool(meta["frozen"])
-        if self.frozen:
-            for m in self.decoder.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = None
-            self.decoder.eval()
 
     @torch.no_grad()
     def mean_images(self) -> torch.Tensor:

@@ -38,7 +38,7 @@ class Plan:
 
     family: str
     version: int
-    hparams: dict[str, Any]
+    hparams: dict[str, Any]  # as stored in the file (BatchNorm folded: norm "none")
     latents_per_class: int
     latent_dim: int
     weight_dtype: str
@@ -49,6 +49,7 @@ class Plan:
     breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes (upper bounds)
     num_params: int = 0
     guaranteed: bool = True  # bound from shapes alone; False: compressed-size estimate with a margin
+    train_hparams: dict[str, Any] = field(default_factory=dict)  # the decoder trained (BatchNorm)
 
     def summary(self) -> str:
         """Several lines for the terminal: the choices and the byte breakdown."""
@@ -73,11 +74,24 @@ class Plan:
 
 
 def decoder_hparams(metadata: Metadata, width: int, latent_dim: int, norm: str = "batch") -> dict[str, Any]:
-    """Hyper-parameters of the planned decoder for these images."""
+    """Hyper-parameters of the decoder trained for these images (BatchNorm while training)."""
     c, h, w = metadata.image_shape
     if h != w:
         raise ConfigError(f"images are {h}x{w}; the decoders draw square images: pass --resolution to resize")
     return {"channels": c, "image_size": h, "latent_dim": latent_dim, "width": width, "norm": norm}
+
+
+def file_hparams(family: str, version: int, train_hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters the file stores: the trained decoder's, resolved, with its BatchNorm folded
+    into the convolutions (`norm="none"`, as `models.registry.fold_batchnorm` exports it)."""
+    from d3codec.models.registry import build_decoder
+
+    with torch.device("meta"):
+        module = build_decoder(family, version, train_hparams)
+    hp = dict(getattr(module, "hparams", train_hparams))
+    if hp.get("norm") == "batch":
+        hp["norm"] = "none"
+    return hp
 
 
 def decoder_shapes(family: str, version: int, hparams: dict[str, Any]) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -257,7 +271,8 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     tries = [(d, lab) for lab in [chosen, *fallback] for d in dims[:1] + ([dims[-1]] if len(dims) > 1 else [])]
     for d, lab in tries:
         for wd in widths:
-            hp = decoder_hparams(metadata, wd, d, norm)
+            train_hp = decoder_hparams(metadata, wd, d, norm)
+            hp = file_hparams(family, version, train_hp)
             if _decoder_bytes(family, version, hp, weight_dtype) > budget.bytes:
                 continue  # the decoder's tensors alone are over: no need to build the file
             d3, params = _placeholder(metadata, family, version, hp, k, d, weight_dtype, latent_dtype, lab,
@@ -270,10 +285,10 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
                 parts = _section_bounds(d3)
                 parts["header etc"] = bound - sum(parts.values())
                 return Plan(family, version, hp, k, d, weight_dtype, latent_dtype, lab, budget, bound, parts, params,
-                            guaranteed)
+                            guaranteed, train_hp)
             smallest = bound if smallest is None else min(smallest, bound)
     # Nothing fits: the smallest configuration gives the smallest budget that works.
-    hp = decoder_hparams(metadata, width or WIDTHS[-1], latent_dim or LATENT_DIMS[-1], norm)
+    hp = file_hparams(family, version, decoder_hparams(metadata, width or WIDTHS[-1], latent_dim or LATENT_DIMS[-1], norm))
     lab = LabelStorage("hard") if labels != "soft" else LabelStorage("topk", k=1)
     need = 0
     for _ in range(4):  # the budget's own digits count in the header: iterate to a fixed point
