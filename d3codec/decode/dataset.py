@@ -1,0 +1,281 @@
+"""`D3Dataset`: endless or epoch-sized streams of training batches decoded from a `.d3` file.
+
+    ds = D3Dataset("cifar10-1ipc.d3", batch_size=256, device="cuda", seed=0)
+    for images, labels in ds:   # images [B, C, H, W] float32 on the device, in the file's normalisation
+        ...                     # labels [B, num_classes] probabilities (soft files) or [B] int64
+
+How the stream is defined (so it is deterministic, shardable and indexable):
+
+- An epoch is `epoch_size` positions (default: one round, see below). Position i of epoch e is
+  slot `perm_e[i]`, `perm_e` a permutation drawn from (seed, e). A round is every component
+  once: `mode="mixed"` (the paper's evaluation) has 2 N K slots, each component's mean image and
+  one random draw; `"random"` and `"mean"` have N K. Epochs longer than a round repeat rounds
+  (slot s is round slot s mod round), so classes stay balanced exactly per round.
+- Random draws (eps, component choice under mixture weights, classes under `class_weights`)
+  come from a generator seeded by (seed, e, block of 4096 positions) on the device: a sample
+  depends on the seed, epoch and its position only, never on the batch size or on other samples.
+- Under `torch.distributed` rank r of W takes positions [r S, (r + 1) S), S = ceil(epoch_size / W)
+  (the last rank wraps around to fill S, as `DistributedSampler` pads), so ranks never share a
+  position. DataLoader workers split a rank's batches round-robin.
+- `ds[i]` is position i of the current epoch (not sharded, not augmented): `(image, label)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer
+from d3codec.decode.sampling import PriorTensors
+from d3codec.errors import ConfigError
+from d3codec.format.types import D3File
+
+MODES = ("mixed", "random", "mean")
+#: Positions per random-draw block (one generator seed each).
+BLOCK = 4096
+
+
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed from parts (seed, epoch, purpose, index): independent, reproducible streams."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class Draw:
+    """What positions [start, stop) of an epoch draw: class, component, random-or-mean, latent."""
+
+    classes: torch.Tensor  # [B] int64
+    comps: torch.Tensor  # [B] int64
+    random: torch.Tensor  # [B] bool (False: the component's mean)
+    z: torch.Tensor  # [B, D] float32
+
+
+class D3Dataset(IterableDataset):
+    """Training batches `(images, labels)` decoded on `device` from a `.d3` file (path or `D3File`).
+
+    Args:
+        batch_size: samples per batch (the last batch of an epoch may be smaller unless `drop_last`).
+        seed: fixes the whole stream (with epoch, batch size, device).
+        mode: "mixed" (mean images and random draws, as the paper evaluates), "random" or "mean".
+        class_weights: N non-negative weights: classes are drawn with these probabilities instead
+            of balanced rounds.
+        epoch_size: samples per epoch (default one round: 2 N K for mixed, N K otherwise).
+        endless: iterate forever (epoch after epoch from the current one) instead of one epoch.
+        augment: True for DSA (`d3codec.augment.DSA()`), or any `aug(x, generator) -> x`.
+        denormalize: images in [0, 1] instead of the file's `(p - mean) / std`.
+        labels: "file" (soft probabilities if the file has them) or "hard" (int64 class ids).
+        precision: "fp32", "bf16" or "fp16" (autocast when decoding; bf16 changes pixels by about
+            1e-2, fp16 by about 1e-3).
+        channels_last, compile: speed options (None: channels-last on CUDA only).
+        rank, world_size: override what `torch.distributed` says.
+    """
+
+    def __init__(self, source: Union[str, os.PathLike, D3File], batch_size: int = 256,
+                 device: Union[str, torch.device] = "cpu", seed: int = 0, mode: str = "mixed",
+                 class_weights: Optional[Sequence[float]] = None, epoch_size: Optional[int] = None,
+                 augment: Union[bool, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = False,
+                 denormalize: bool = False, *, labels: str = "file", endless: bool = False,
+                 drop_last: bool = False, precision: str = "fp32", channels_last: Optional[bool] = None,
+                 compile: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+        super().__init__()
+        if isinstance(source, D3File):
+            d3, self.source = source, None
+        else:
+            from d3codec.format.io import load
+
+            d3, self.source = load(source), os.fspath(source)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if labels not in ("file", "hard"):
+            raise ConfigError(f"labels must be 'file' or 'hard', not {labels!r}")
+        if epoch_size is not None and (isinstance(epoch_size, bool) or not isinstance(epoch_size, int) or epoch_size < 1):
+            raise ConfigError(f"epoch_size must be a positive integer or None, got {epoch_size!r}")
+        self.d3, self.device = d3, torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+        self.batch_size, self.seed, self.mode = batch_size, int(seed), mode
+        self.endless, self.drop_last, self.denormalize = endless, drop_last, denormalize
+        self.epoch = 0
+        self._rank, self._world = rank, world_size
+        self.priors = PriorTensors.from_priors(d3.priors, self.device)
+        n, k = self.priors.num_classes, self.priors.latents_per_class
+        if n != d3.metadata.num_classes:
+            raise ConfigError(f"the priors hold {n} classes but the metadata {d3.metadata.num_classes}; "
+                              "the file is inconsistent: re-encode it")
+        self.num_classes, self.latents_per_class = n, k
+        self.round = n * k * (2 if mode == "mixed" else 1)
+        self.epoch_size = epoch_size or self.round
+        self.class_cdf = self._class_cdf(class_weights, n)
+        self.renderer = Renderer(d3, self.device, precision=precision, channels_last=channels_last, compile=compile)
+        self.output = OutputSpace(d3.metadata, denormalize=denormalize, device=self.device)
+        self.labels = LabelTable(d3.labels, n, self.device, hard=labels == "hard")
+        if augment is True:
+            from d3codec.augment import DSA
+
+            self.augment: Optional[Callable[..., torch.Tensor]] = DSA()
+        else:
+            self.augment = augment or None
+        self._perm: Optional[tuple[int, torch.Tensor]] = None
+        self._blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _class_cdf(weights: Optional[Sequence[float]], n: int) -> Optional[torch.Tensor]:
+        if weights is None:
+            return None
+        w = torch.as_tensor(list(weights) if not isinstance(weights, torch.Tensor) else weights, dtype=torch.float64)
+        if w.shape != (n,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ConfigError(f"class_weights must be {n} finite non-negative numbers with a positive sum; fix them")
+        return torch.cumsum(w / w.sum(), 0).float()
+
+    # ---- the stream ----
+
+    @property
+    def rank(self) -> int:
+        return self._rank if self._rank is not None else _dist_rank_world()[0]
+
+    @property
+    def world_size(self) -> int:
+        return self._world if self._world is not None else _dist_rank_world()[1]
+
+    @property
+    def shard_size(self) -> int:
+        """Samples this rank draws per epoch (ceil(epoch_size / world_size))."""
+        return math.ceil(self.epoch_size / self.world_size)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (not defined for endless streams)."""
+        if self.endless:
+            raise TypeError("an endless D3Dataset has no length; pass endless=False for epochs")
+        s = self.shard_size
+        return s // self.batch_size if self.drop_last else math.ceil(s / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch `epoch`'s stream (as `DistributedSampler.set_epoch`)."""
+        self.epoch = int(epoch)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_seed(self.seed, epoch, "perm"))
+            self._perm = (epoch, torch.randperm(self.epoch_size, generator=g).to(self.device))
+        return self._perm[1]
+
+    def _block(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (epoch, b)
+        if key not in self._blocks:
+            if len(self._blocks) >= 4:
+                self._blocks.pop(next(iter(self._blocks)))
+            g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, "draws", b))
+            eps = torch.randn(BLOCK, self.priors.noise_dim, generator=g, device=self.device)
+            u = torch.rand(BLOCK, 3, generator=g, device=self.device)
+            self._blocks[key] = (eps, u)
+        return self._blocks[key]
+
+    def _noise(self, epoch: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first, last = start // BLOCK, (stop - 1) // BLOCK
+        parts = [self._block(epoch, b) for b in range(first, last + 1)]
+        eps = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        u = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        off = start - first * BLOCK
+        return eps[off:off + stop - start], u[off:off + stop - start]
+
+    def latents(self, start: int, stop: int, epoch: Optional[int] = None) -> Draw:
+        """Classes, components and latents of global positions [start, stop) of `epoch` (default
+        the current one); positions past `epoch_size` wrap around (padding)."""
+        epoch = self.epoch if epoch is None else epoch
+        if not 0 <= start < stop:
+            raise ConfigError(f"positions must satisfy 0 <= start < stop, got [{start}, {stop})")
+        pos = torch.arange(start, stop, device=self.device)
+        eps, u = self._noise(epoch, start, stop)
+        n, k = self.num_classes, self.latents_per_class
+        pt = self.priors
+        if self.class_cdf is None:
+            slot = self._permutation(epoch)[pos % self.epoch_size] % self.round
+            if self.mode == "mixed":
+                random = slot >= n * k
+                slot = torch.where(random, slot - n * k, slot)
+            else:
+                random = torch.full_like(slot, self.mode == "random", dtype=torch.bool)
+            classes, comps = slot // k, slot % k
+            if pt.cdf is not None:
+                comps = torch.where(random, pt.pick_components(classes, u[:, 2]), comps)
+        else:
+            cdf = self.class_cdf.to(self.device)
+            classes = torch.clamp(torch.searchsorted(cdf, u[:, 0].contiguous(), right=True), max=n - 1)
+            if self.mode == "mixed":
+                random = u[:, 1] >= 0.5
+            else:
+                random = torch.full_like(classes, self.mode == "random", dtype=torch.bool)
+            uniform = torch.clamp((u[:, 2] * k).long(), max=k - 1)
+            comps = torch.where(random, pt.pick_components(classes, u[:, 2]), uniform)
+        z = pt.sample(classes, comps, eps if self.mode != "mean" else None, random)
+        return Draw(classes, comps, random, z)
+
+    def decode(self, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (in the output space) and labels of drawn latents."""
+        values = self.renderer(draw.z, draw.classes)
+        return self.output(values), self.labels.lookup(draw.classes, draw.comps)
+
+    def batch(self, start: int, stop: int, epoch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of global positions [start, stop) of `epoch`, augmented if asked."""
+        epoch = self.epoch if epoch is None else epoch
+        images, labels = self.decode(self.latents(start, stop, epoch))
+        if self.augment is not None:
+            gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, "augment", start))
+            images = self.augment(images, gen)
+        return images, labels
+
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        shard = self.shard_size
+        begin = self.rank * shard
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j, s in enumerate(range(0, shard, self.batch_size)):
+            e = min(s + self.batch_size, shard)
+            if self.drop_last and e - s < self.batch_size:
+                break
+            if j % workers == worker:
+                yield self.batch(begin + s, begin + e, epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        while True:
+            yield from self._epoch_batches(epoch)
+            if not self.endless:
+                return
+            epoch += 1
+
+    # ---- map-style access ----
+
+    @property
+    def num_samples(self) -> int:
+        """Positions per epoch (valid `ds[i]` indices are 0 .. num_samples - 1)."""
+        return self.epoch_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position `index` of the current epoch: `(image [C, H, W], label)`, deterministic, no augmentation."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"D3Dataset indices are integers, not {type(index).__name__}")
+        i = index + self.epoch_size if index < 0 else index
+        if not 0 <= i < self.epoch_size:
+            raise IndexError(f"index {index} is out of range for an epoch of {self.epoch_size} samples")
+        images, labels = self.decode(self.latents(i, i + 1))
+        return images[0], labels[0]
+
+    def __repr__(self) -> str:
+        src = self.source or self.d3.metadata.name
+        return (f"D3Dataset({src!r}, batch_size={self.batch_size}, device={str(self.device)!r}, seed={self.seed}, "
+                f"mode={self.mode!r}, epoch_size={self.epoch_size})")
