@@ -1,0 +1,63 @@
+"""Under torch.distributed (gloo, CPU, two processes) ranks draw disjoint shards of the same epoch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from d3codec.decode import D3Dataset
+from d3codec.format.io import save
+
+_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from d3codec.decode import D3Dataset
+    path, rank, world, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    ds = D3Dataset(path, batch_size=4, seed=11, labels="hard")  # rank and world size read automatically
+    ds.set_epoch(2)
+    xs, ys = zip(*list(ds))
+    assert len(xs) == len(ds)
+    torch.save({"x": torch.cat(xs), "y": torch.cat(ys), "rank": ds.rank, "world": ds.world_size}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_two_ranks_draw_disjoint_shards_covering_the_epoch(make_d3, tmp_path) -> None:
+    path = str(tmp_path / "f.d3")
+    save(make_d3("small", num_classes=5, k=2), path)  # epoch: 2 * 5 * 2 = 20 samples, 10 per rank
+    init = f"file://{tmp_path / 'rendezvous'}"
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, path, str(r), "2", init, outs[r]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    for p in procs:
+        output, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, output.decode()[-2000:]
+    got = [torch.load(o) for o in outs]
+    assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
+
+    single = D3Dataset(path, batch_size=4, seed=11, labels="hard")
+    single.set_epoch(2)
+    x, y = (torch.cat(t) for t in zip(*list(single)))
+    assert len(x) == 20
+    for r, g in enumerate(got):  # rank r draws exactly positions [10 r, 10 r + 10) of the epoch
+        assert torch.allclose(g["x"], x[10 * r:10 * r + 10], atol=1e-5) and torch.equal(g["y"], y[10 * r:10 * r + 10])
+    # no sample is drawn twice: all 20 images are distinct
+    flat = torch.cat([g["x"] for g in got]).flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(20) * 1e9).min() > 1e-4
+
+
+def test_explicit_rank_pads_the_last_shard_like_distributed_sampler(make_d3) -> None:
+    d3 = make_d3("small", num_classes=5, k=1)  # 10 samples per epoch over 3 ranks: shards of 4
+    full = D3Dataset(d3, batch_size=16, seed=0, labels="hard")
+    parts = [D3Dataset(d3, batch_size=3, seed=0, labels="hard", rank=r, world_size=3) for r in range(3)]
+    assert [len(p) for p in parts] == [2, 2, 2] and all(p.shard_size == 4 for p in parts)
+    xs = [torch.cat([x for x, _ in p]) for p in parts]
+    ref = full.latents(0, 12).z  # positions 10 and 11 wrap around to slots of positions 0 and 1
+    got = torch.cat([p.latents(4 * r, 4 * r + 4).z for r, p in enumerate(parts)])
+    assert torch.equal(got, ref)
+    assert torch.equal(full.latents(10, 12).classes, full.latents(0, 2).classes)
+    assert sum(len(x) for x in xs) == 12
