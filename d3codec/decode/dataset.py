@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer
+from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer, check_device
 from d3codec.decode.sampling import PriorTensors
 from d3codec.errors import ConfigError
 from d3codec.format.types import D3File
@@ -104,9 +104,7 @@ class D3Dataset(IterableDataset):
             raise ConfigError(f"labels must be 'file' or 'hard', not {labels!r}")
         if epoch_size is not None and (isinstance(epoch_size, bool) or not isinstance(epoch_size, int) or epoch_size < 1):
             raise ConfigError(f"epoch_size must be a positive integer or None, got {epoch_size!r}")
-        self.d3, self.device = d3, torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+        self.d3, self.device = d3, check_device(device)
         self.batch_size, self.seed, self.mode = batch_size, int(seed), mode
         self.endless, self.drop_last, self.denormalize = endless, drop_last, denormalize
         self.epoch = 0

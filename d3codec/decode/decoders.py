@@ -26,6 +26,17 @@ from d3codec.models.registry import DecoderError, UnknownDecoderError, build_dec
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """`device` as a torch.device, or a `ConfigError` when it names an accelerator that is not there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+    return dev
+
+
 def writer_version(d3: D3File) -> Optional[str]:
     """The d3codec version that wrote the file, from its provenance (None if not recorded)."""
     prov = d3.provenance or {}

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from d3codec.decode.decoders import OutputSpace, Renderer
+from d3codec.decode.decoders import OutputSpace, Renderer, check_device
 from d3codec.decode.sampling import PriorTensors
 from d3codec.errors import ConfigError
 from d3codec.format.types import D3File
@@ -31,6 +31,7 @@ def grid_tensor(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None,
         raise ConfigError(f"class {bad[0]} is out of range: the file has classes 0..{num - 1}; fix --classes")
     if n < 0:
         raise ConfigError(f"the number of samples per class must be >= 0, got {n}")
+    device = check_device(device)
     pt = PriorTensors.from_priors(d3.priors, device)
     g = torch.Generator().manual_seed(seed)
     r = len(rows)
@@ -68,3 +69,22 @@ def sample_grid(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None,
             canvas[:, y:y + hs, x:x + ws] = big[i, j]
     arr = (canvas * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(arr[:, :, 0], mode="L") if c == 1 else Image.fromarray(arr, mode="RGB")
+
+
+def save_png(image: Image.Image, path: str) -> None:
+    """Write `image` as PNG atomically (temp file in the same folder, then `os.replace`)."""
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"cannot write {path}: folder {folder} does not exist; create it or choose another -o")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
