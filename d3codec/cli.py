@@ -365,3 +365,28 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
         raise ConfigError("--data-dir, --resolution and --cache-dir describe --dataset; give --dataset too")
     data = DataSpec.of(spec, data_dir, resolution, False, cache_dir) if spec else None
     merge_parts(list(parts), output, data=data, device=device, quiet=quiet)
+
+
+# ---- sample: look at a .d3 file as a picture (decode/grid) ----
+
+@cli.command("sample")
+@click.argument("file", metavar="FILE")
+@click.option("-n", "num", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Random samples per class, after the mean image.")
+@click.option("-o", "--output", required=True, help="PNG file to write.")
+@click.option("--classes", "classes_spec", default=None,
+              help="Class ids, e.g. 0,1,2 or 0-4 (default: the first 20 classes).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples.")
+@click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Magnify each image this many times (nearest neighbour).")
+@click.option("--device", default="cpu", show_default=True, help="Device to decode on (cpu, cuda).")
+def sample_cmd(file: str, num: int, output: str, classes_spec: Optional[str], seed: int, scale: int,
+               device: str) -> None:
+    """Write a PNG grid of FILE's images: one row per class, the mean image first, then N samples."""
+    from d3codec.decode.grid import sample_grid, save_png
+    from d3codec.format.io import load
+
+    d3 = load(file)
+    image = sample_grid(d3, n=num, classes=_parse_classes(classes_spec), seed=seed, device=device, scale=scale)
+    save_png(image, output)
+    click.echo(f"wrote {output} ({image.width}x{image.height} px)")
