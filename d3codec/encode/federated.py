@@ -48,6 +48,9 @@ SPLITS = ("contiguous", "balanced")
 FEDERATED_VERSION = 1
 #: Share searches: at most this many planner passes over all subtasks.
 _SEARCH_PASSES = 6
+#: Bytes of each part kept for the dataset reference `merge` reopens (paths): parts are planned
+#: without it, so where the data and caches live never changes what is trained.
+DATASET_RESERVE = 512
 
 
 # ---------------------------------------------------------------- splitting
@@ -140,14 +143,19 @@ class FederatedPlan:
         return self.subtasks + (1 if self.teacher is not None else 0)
 
     def part_budget(self) -> Budget:
+        """What each part may take: its share of the budget."""
         return Budget(bytes=self.share, unit="bytes", ipc=None, spec=str(self.share))
+
+    def planning_budget(self) -> Budget:
+        """What each subtask's encode plans for: the share less the dataset reference's reserve."""
+        return Budget(bytes=self.share - DATASET_RESERVE, unit="bytes", ipc=None, spec=str(self.share - DATASET_RESERVE))
 
     def record(self, index: int, share: Optional[int] = None) -> dict[str, Any]:
         """The `federated` provenance record of part `index` (what `merge` reads)."""
         return {"run": self.run, "subtask": index, "subtasks": self.subtasks, "num_classes": self.num_classes,
                 "budget": asdict(self.budget), "share": self.share if share is None else share,
                 "labels": asdict(self.labels), "teacher": self.teacher, "guaranteed": self.guaranteed,
-                "merged": self.merged_provenance, "dataset": self.data.to_json() if self.data else None}
+                "merged": self.merged_provenance}
 
     def subtask_options(self, index: int, share: Optional[int] = None) -> EncodeOptions:
         """The single-task `encode` options of subtask `index`."""
@@ -227,7 +235,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
 
     def plans_at(share: int) -> list[Plan]:
         fplan.share = share
-        part = fplan.part_budget()
+        part = fplan.planning_budget()
         out = []
         for i in range(subtasks):
             sub = _subtask_options(options, groups[i], seeds[i], k, d, fplan.record(i, share))
@@ -322,21 +330,22 @@ def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, de
                 log: Optional[Log] = None) -> D3File:
     """Distil subtask `index` into the part file `path` (atomic), unless it is already there.
 
-    Resumes from `path.ckpt` when an earlier run of the same plan stopped inside this subtask; a
-    checkpoint of another run (noted in `path.run`) is discarded.
+    Resumes from its checkpoint when an earlier run of the same plan stopped inside this subtask;
+    leftovers of another run (noted in `path.run`) are discarded.
     """
     say: Log = log or (lambda s: None if fplan.options.quiet else print(s, file=sys.stderr))
     done = finished_part(path, fplan.run, index)
     if done is not None:
         say(f"subtask {index}: already done ({path})")
         return done
-    marker = path + ".run"
+    marker, trained = path + ".run", path + ".trained.d3"
     stale = os.path.isfile(marker) and open(marker).read().strip() != fplan.run
     if stale or not os.path.isfile(marker):
-        try:
-            os.unlink(path + ".ckpt")
-        except OSError:
-            pass
+        for old in (trained, trained + ".ckpt"):  # another run's leftovers
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
         tmp = f"{marker}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(fplan.run + "\n")
@@ -346,14 +355,36 @@ def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, de
         options = replace(options, device=device)
     say(f"subtask {index}: {len(fplan.groups[index])} classes ({_ranges(fplan.groups[index])}), "
         f"at most {fplan.share:,} bytes -> {path}")
-    with single_thread():
-        d3 = encode(dataset, fplan.part_budget(), path, options, log=say)
-    assert isinstance(d3, D3File)
-    try:
-        os.unlink(marker)
-    except OSError:
-        pass
+    if finished_part(trained, fplan.run, index) is None:  # else: stopped between training and the final write
+        with single_thread():
+            encode(dataset, fplan.planning_budget(), trained, options, log=say)
+    d3 = _add_dataset_reference(trained, path, fplan, say)
+    for extra in (trained, marker):
+        try:
+            os.unlink(extra)
+        except OSError:
+            pass
     return d3
+
+
+def _add_dataset_reference(trained: str, path: str, fplan: FederatedPlan, say: Log) -> D3File:
+    """Write the finished part at `path` (atomic): the trained file plus, in the reserve it was
+    planned without, the dataset reference merge reopens for the labels (left out if it is too long)."""
+    from d3codec.format.errors import OverBudgetError
+    from d3codec.format.io import load, save
+
+    d3 = load(trained, memory_map=False)
+    record = dict(d3.provenance[RECORD])
+    if fplan.data is not None and len(json.dumps(fplan.data.to_json())) < DATASET_RESERVE - 64:
+        record["dataset"] = fplan.data.to_json()
+    try:
+        save(d3.replace(provenance={**d3.provenance, RECORD: record}), path, fplan.part_budget())
+    except OverBudgetError:
+        record.pop("dataset", None)
+        save(d3.replace(provenance={**d3.provenance, RECORD: record}), path, fplan.part_budget())
+    if "dataset" not in record:
+        say(f"{path}: no room for the dataset reference; pass --dataset to d3codec merge")
+    return load(path)
 
 
 def run_teacher(dataset: Any, fplan: FederatedPlan, device: Optional[str] = None) -> None:
@@ -464,7 +495,7 @@ def _merge_and_clean(dataset: Any, fplan: FederatedPlan, workdir: str, output: s
     d3 = merge_parts(paths, output, dataset=dataset, data=fplan.data, device=fplan.options.device,
                      quiet=fplan.options.quiet, log=say)
     for p in paths:
-        for extra in (p, p + ".run", p + ".ckpt"):
+        for extra in (p, p + ".run", p + ".trained.d3", p + ".trained.d3.ckpt"):
             try:
                 os.unlink(extra)
             except OSError:
