@@ -61,12 +61,14 @@ class EncodeOptions:
         cfg.validate()
         return cfg
 
-    def expert_settings(self, cfg: DistillConfig) -> tuple[int, int]:
-        """(experts, epochs): enough epochs for the trajectories MTT samples, fewer when only MMD runs."""
+    def expert_settings(self, cfg: DistillConfig, train_images: Optional[int] = None) -> tuple[int, int]:
+        """(experts, epochs): enough epochs for the trajectories MTT samples; with MMD alone on CPU,
+        one expert trained for about 250 steps of 256 images (1 epoch of MNIST, 20 of `digits`)."""
         cuda = str(self.device).startswith("cuda")
         needs = cfg.max_start_epoch + cfg.expert_epochs if "mtt" in cfg.objective else 0
         n = self.num_experts or (20 if cuda else (4 if "mtt" in cfg.objective else 1))
-        e = self.expert_epochs or max(needs if cuda else min(needs, 6), 3 if cuda else 2)
+        cpu_mmd = min(20, max(1, round(64000 / train_images))) if train_images else 2
+        e = self.expert_epochs or max(needs if cuda else min(needs, 6), 3 if cuda else cpu_mmd)
         return n, e
 
 
@@ -95,7 +97,7 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     else:
         b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
     cfg = options.distill_config()
-    experts = options.expert_settings(cfg)
+    experts = options.expert_settings(cfg, len(real))
     prov = _provenance(options, cfg, classes, dataset, experts)
     plan = plan_budget(metadata, b, provenance=prov, latents_per_class=options.latents_per_class,
                        latent_dim=options.latent_dim, width=options.width, weight_dtype=options.weight_dtype,
@@ -125,7 +127,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
 
     from d3codec.encode.experts import ensure_experts
 
-    n_exp, n_ep = options.expert_settings(cfg)
+    n_exp, n_ep = options.expert_settings(cfg, len(real))
     say(f"experts: {n_exp} x {n_ep} epochs (cached after the first run)")
     experts = ensure_experts(dataset, num_experts=n_exp, epochs=n_ep,
                              classes=None if options.classes is None else real.classes,

@@ -20,7 +20,7 @@ from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
 
 #: Decoder widths (channels of the first feature map) the planner tries, widest first.
-WIDTHS: tuple[int, ...] = (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4)
+WIDTHS: tuple[int, ...] = (256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 36, 32, 28, 24, 20, 16, 12, 10, 8, 6, 4)
 #: Latent dimensions tried, largest first.
 LATENT_DIMS: tuple[int, ...] = (64, 32, 16, 8, 4, 2)
 #: Storage dtypes of decoder weights a user may force (`--weights-dtype`); the planner default is I8.
