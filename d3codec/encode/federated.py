@@ -256,7 +256,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
             return bound, placeholder, True
         return _estimate(placeholder_merged(metadata, pairs, labels, merged_prov, b, random=True)), placeholder, False
 
-    share = b.bytes // subtasks
+    share = cap = b.bytes // subtasks  # a part (its own header included) never takes more than budget / K
     best: Optional[tuple[int, list[Plan], int, D3File, bool]] = None
     for _ in range(_SEARCH_PASSES):
         plans = plans_at(share)
@@ -265,9 +265,9 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
             if best is None or share > best[0]:
                 best = (share, plans, size, placeholder, strict)
             slack = (b.bytes - size) // subtasks
-            if slack < 8:
+            if slack < 8 or share >= cap:
                 break
-            share += slack
+            share = min(cap, share + slack)
         else:
             if best is not None:
                 break

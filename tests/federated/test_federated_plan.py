@@ -1,0 +1,98 @@
+"""Planning a federated run: class splits, round-robin ranks, budget shares that make the merged
+file fit, seeds that ignore ranks, the dry run's printed plan and estimate, and clear errors."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from d3codec.cli import cli
+from d3codec.data import open_dataset
+from d3codec.encode.api import EncodeOptions
+from d3codec.encode.federated import (DATASET_RESERVE, assigned_tasks, plan_federated, split_classes,
+                                      subtask_seed)
+from d3codec.encode.merge import placeholder_merged
+from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.io import size_upper_bound
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return open_dataset("digits", cache_dir=str(tmp_path_factory.mktemp("cache")), progress=False)
+
+
+def test_contiguous_split_is_runs_of_ids_differing_by_at_most_one() -> None:
+    groups = split_classes(1000, 5)
+    assert groups[0] == list(range(200)) and groups[4] == list(range(800, 1000))
+    assert [len(g) for g in split_classes(10, 3)] == [4, 3, 3]
+    assert sum(split_classes(10, 3), []) == list(range(10))
+
+
+def test_balanced_split_balances_image_counts() -> None:
+    counts = [100] * 4 + [10] * 8                      # big classes first: contiguous puts them together
+    contiguous = split_classes(12, 2, "contiguous", counts)
+    balanced = split_classes(12, 2, "balanced", counts)
+    load = lambda groups: [sum(counts[c] for c in g) for g in groups]  # noqa: E731
+    assert load(contiguous) == [420, 60]
+    assert load(balanced) == [240, 240]
+    assert sorted(sum(balanced, [])) == list(range(12)) and [len(g) for g in balanced] == [6, 6]
+
+
+def test_split_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="--subtasks 2 or fewer"):
+        split_classes(5, 3)
+    with pytest.raises(ConfigError, match="--split"):
+        split_classes(10, 2, "random")
+    with pytest.raises(ConfigError, match="at least 1"):
+        split_classes(10, 0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_round_robin_runs_every_task_exactly_once(world: int) -> None:
+    tasks = sorted(t for r in range(world) for t in assigned_tasks(6, r, world))
+    assert tasks == list(range(6))
+    assert assigned_tasks(6, 1, 2) == [1, 3, 5]
+
+
+def test_subtask_seeds_differ_and_depend_only_on_seed_and_index() -> None:
+    seeds = [subtask_seed(0, i) for i in range(5)]
+    assert len(set(seeds)) == 5 and seeds == [subtask_seed(0, i) for i in range(5)]
+    assert subtask_seed(1, 0) != seeds[0]
+
+
+@pytest.mark.parametrize("budget,subtasks", [("10ipc", 2), ("20ipc", 3), ("50ipc", 5), ("200KB", 4)])
+def test_merged_file_bound_fits_the_budget(digits, budget: str, subtasks: int) -> None:
+    fplan = plan_federated(digits, budget, EncodeOptions(iterations=2), subtasks)
+    assert fplan.bound <= fplan.budget.bytes
+    assert fplan.share * subtasks <= fplan.budget.bytes
+    assert all(p.bound <= fplan.share - DATASET_RESERVE for p in fplan.plans)
+    assert len({(p.latents_per_class, p.latent_dim) for p in fplan.plans}) == 1  # one [N, K, D] prior tensor
+    if fplan.guaranteed:
+        placeholder = placeholder_merged(digits.metadata(), list(zip(fplan.groups, fplan.plans)), fplan.labels,
+                                         fplan.merged_provenance, fplan.budget)
+        assert size_upper_bound(placeholder) == fplan.bound
+
+
+def test_impossible_budget_and_bad_combinations_are_clear_errors(digits) -> None:
+    with pytest.raises(BudgetError, match="too small for 3 subtasks"):
+        plan_federated(digits, "1ipc", EncodeOptions(), 3)
+    with pytest.raises(ConfigError, match="--classes"):
+        plan_federated(digits, "10ipc", EncodeOptions(classes=[0, 1, 2]), 2)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["encode", "digits", "--budget", "10ipc", "--subtask", "1", "-o", "x.d3"])
+    assert result.exit_code == 1 and "add --subtasks" in result.output
+    result = runner.invoke(cli, ["encode", "digits", "--budget", "10ipc", "--subtasks", "2", "--threads", "2",
+                                 "-o", "x.d3"])
+    assert result.exit_code == 1 and "--nproc" in result.output
+
+
+def test_dry_run_prints_subtasks_budgets_and_an_estimate(tmp_path) -> None:
+    result = CliRunner().invoke(cli, ["encode", "digits", "--budget", "20ipc", "--subtasks", "3", "--dry-run",
+                                      "--iterations", "100", "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "federated plan: 3 subtasks (contiguous split) of 10 classes" in out
+    for i, classes in enumerate(["0-3", "4-6", "7-9"]):
+        assert f"subtask {i}: classes {classes}" in out
+    assert "each subtask: at most" in out and "priors" in out and "decoder small" in out
+    assert "CPU-process-hours" in out and "s per distillation iteration" in out
+    assert not list(tmp_path.glob("*.d3"))
