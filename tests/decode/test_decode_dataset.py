@@ -328,3 +328,10 @@ def test_missing_path_is_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(D3Error):
         D3Dataset(tmp_path / "missing.d3")
+
+
+def test_speed_options_do_not_change_the_images(make_d3) -> None:
+    d3 = make_d3("medium", width=16, decoders=2)
+    plain = _all(D3Dataset(d3, batch_size=8, fold_bn=False, channels_last=False))[0]
+    fast = _all(D3Dataset(d3, batch_size=8))[0]  # BatchNorm folded, channels-last
+    assert torch.allclose(plain, fast, atol=1e-5)
