@@ -566,9 +566,14 @@ class _ProbeExperts:
         return self._flat
 
 
+#: Classes of subtask 0 the probe distils (an iteration's cost is linear in the classes: MMD per class).
+PROBE_CLASSES = 8
+
+
 def estimate_cost(dataset: Any, fplan: FederatedPlan, probe_seconds: float = 2.0) -> dict[str, float]:
-    """Seconds of compute per subtask and for the teacher, from a short timed probe on subtask 0
-    (distillation iterations with stand-in experts; expert training steps on a real batch)."""
+    """Seconds of compute per subtask and for the teacher, from a short timed probe on at most
+    `PROBE_CLASSES` classes of subtask 0 (distillation iterations with stand-in experts, scaled by
+    class count; expert training steps on a real batch). Memory stays small whatever the run."""
     from d3codec.encode.classifier import default_augment
     from d3codec.encode.distill import Distiller
     from d3codec.models.convnet import ConvNet
@@ -576,7 +581,8 @@ def estimate_cost(dataset: Any, fplan: FederatedPlan, probe_seconds: float = 2.0
     options = fplan.subtask_options(0)
     cfg = options.distill_config()
     n_exp, n_ep = options.expert_settings(cfg)
-    real = dataset.subset(fplan.groups[0])
+    probe_classes = fplan.groups[0][:PROBE_CLASSES]
+    real = dataset.subset(probe_classes)
     device = options.device
     with single_thread():
         distiller = Distiller(fplan.plans[0], real.metadata(), real, _ProbeExperts(real, n_ep, 0), cfg, device=device)
@@ -606,9 +612,9 @@ def estimate_cost(dataset: Any, fplan: FederatedPlan, probe_seconds: float = 2.0
             times.append(time.perf_counter() - t0)
         per_image = min(times) / batch
     out: dict[str, float] = {"seconds_per_iteration": per_iteration, "seconds_per_expert_image": per_image}
-    n0 = len(fplan.groups[0])
+    out["seconds_per_iteration"] = per_iteration * len(fplan.groups[0]) / len(probe_classes)
     for i, g in enumerate(fplan.groups):
-        distil = cfg.iterations * per_iteration * len(g) / n0
+        distil = cfg.iterations * per_iteration * len(g) / len(probe_classes)
         experts = n_exp * n_ep * fplan.images[i] * per_image
         out[f"subtask {i}"] = distil + experts
     if fplan.teacher is not None:
