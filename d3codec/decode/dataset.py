@@ -6,7 +6,8 @@
 
 How the stream is defined (so it is deterministic, shardable and indexable):
 
-- An epoch is `epoch_size` positions (default: one round, see below). Position i of epoch e is
+- An epoch is `epoch_size` positions (default: the fewest whole rounds, see below, that fill one
+  batch on every rank: one round, the paper's epoch, whenever a round is at least that big). Position i of epoch e is
   slot `perm_e[i]`, `perm_e` a permutation drawn from (seed, e). A round is every component
   once: `mode="mixed"` (the paper's evaluation) has 2 N K slots, each component's mean image and
   one random draw; `"random"` and `"mean"` have N K. Epochs longer than a round repeat rounds
@@ -71,7 +72,8 @@ class D3Dataset(IterableDataset):
         mode: "mixed" (mean images and random draws, as the paper evaluates), "random" or "mean".
         class_weights: N non-negative weights: classes are drawn with these probabilities instead
             of balanced rounds.
-        epoch_size: samples per epoch (default one round: 2 N K for mixed, N K otherwise).
+        epoch_size: samples per epoch (default: one round, 2 N K for mixed and N K otherwise, or
+            the fewest whole rounds that fill `batch_size` samples on each rank).
         endless: iterate forever (epoch after epoch from the current one) instead of one epoch.
         augment: True for DSA (`d3codec.augment.DSA()`), or any `aug(x, generator) -> x`.
         denormalize: images in [0, 1] instead of the file's `(p - mean) / std`.
@@ -117,7 +119,8 @@ class D3Dataset(IterableDataset):
                               "the file is inconsistent: re-encode it")
         self.num_classes, self.latents_per_class = n, k
         self.round = n * k * (2 if mode == "mixed" else 1)
-        self.epoch_size = epoch_size or self.round
+        fill = batch_size * (world_size if world_size is not None else _dist_rank_world()[1])
+        self.epoch_size = epoch_size or self.round * math.ceil(fill / self.round)
         self.class_cdf = self._class_cdf(class_weights, n)
         self.renderer = Renderer(d3, self.device, precision=precision, channels_last=channels_last, compile=compile,
                                  fold_bn=fold_bn)

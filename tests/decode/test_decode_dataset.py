@@ -120,6 +120,14 @@ def test_len_epoch_size_and_drop_last(make_d3) -> None:
     assert len(dl) == 4 and [len(x) for x, _ in dl] == [5, 5, 5, 5]
 
 
+def test_default_epoch_is_whole_rounds_filling_a_batch(make_d3) -> None:
+    d3 = make_d3("small", num_classes=4, k=2)  # a mixed round is 16 samples
+    assert D3Dataset(d3, batch_size=10).epoch_size == 16
+    assert D3Dataset(d3, batch_size=40).epoch_size == 48
+    assert D3Dataset(d3, batch_size=10, world_size=2, rank=1).epoch_size == 32
+    assert D3Dataset(d3, batch_size=40, mode="random").epoch_size == 40
+
+
 def test_works_as_a_dataloader_with_batch_size_none(make_d3) -> None:
     ds = D3Dataset(make_d3("small", labels="dense"), batch_size=6, seed=4)
     direct = list(ds)

@@ -52,7 +52,7 @@ def test_two_ranks_draw_disjoint_shards_covering_the_epoch(make_d3, tmp_path) ->
 
 def test_explicit_rank_pads_the_last_shard_like_distributed_sampler(make_d3) -> None:
     d3 = make_d3("small", num_classes=5, k=1)  # 10 samples per epoch over 3 ranks: shards of 4
-    full = D3Dataset(d3, batch_size=16, seed=0, labels="hard")
+    full = D3Dataset(d3, batch_size=4, seed=0, labels="hard")
     parts = [D3Dataset(d3, batch_size=3, seed=0, labels="hard", rank=r, world_size=3) for r in range(3)]
     assert [len(p) for p in parts] == [2, 2, 2] and all(p.shard_size == 4 for p in parts)
     xs = [torch.cat([x for x, _ in p]) for p in parts]
