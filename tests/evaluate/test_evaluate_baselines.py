@@ -93,7 +93,7 @@ def test_errors(digits):
 
 def test_evaluate_baseline_in_seconds(digits):
     train, test = digits
-    recipe = Recipe(epochs=30, runs=2, batch_size=64, seed=0)
+    recipe = Recipe(epochs=20, runs=2, batch_size=64, seed=0)
     report = evaluate_baseline("random", train, test, 2560 * 5, recipe)
     acc = report["accuracy"]
     assert len(acc["runs"]) == 2 and acc["runs"][0] != acc["runs"][1]  # runs differ (their own inits)
@@ -101,11 +101,12 @@ def test_evaluate_baseline_in_seconds(digits):
     assert report["storage"]["bytes"] == 12800 and report["storage"]["ipc_float32"] == pytest.approx(5)
     assert report["storage"]["ipc_uint8"] == pytest.approx(20)
     comp = report["compute"]
-    assert comp["images_seen_per_run"] == 30 * 200 and comp["optimizer_steps_per_run"] == 30 * 4
-    assert comp["train_flops_per_run_estimate"] == 3 * comp["forward_flops_per_image"] * 6000
+    assert comp["images_seen_per_run"] == 20 * 200 and comp["optimizer_steps_per_run"] == 20 * 4
+    assert comp["train_flops_per_run_estimate"] == 3 * comp["forward_flops_per_image"] * 4000
     assert report["recipe"]["reported"].startswith("final accuracy")
-    again = evaluate_baseline("random", train, test, 2560 * 5, recipe)
-    assert again["accuracy"] == acc  # a seed fixes the result
+    cheap = Recipe(epochs=2, runs=1, batch_size=64, seed=0)
+    first = evaluate_baseline("random", train, test, 2560, cheap)
+    assert evaluate_baseline("random", train, test, 2560, cheap)["accuracy"] == first["accuracy"]  # seeded
 
 
 def test_final_not_best_accuracy(digits, monkeypatch):
