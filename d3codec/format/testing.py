@@ -1,15 +1,21 @@
 """Random but valid `D3File`s, for tests, golden vectors, fuzzing and benchmarks.
 
-Every draw uses an explicit `torch.Generator`, so a seed gives the same file everywhere. The
-decoder weights have plausible names and shapes but random values: the format does not care.
+Every draw uses an explicit `torch.Generator`, so a seed gives the same file everywhere. By
+default the decoder weights have plausible names and shapes but random values (the format does
+not care, but they do not fit a registered architecture, so they cannot be decoded); pass
+`decoder_states` (e.g. from `d3codec.models.export_state` of a built decoder) for decodable files.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from d3codec.format.types import Budget, D3File, DecoderEntry, Labels, Metadata, Priors, Stored
+
+
+#: A real decoder for `random_d3`: (family, version, hparams, float state dict of the built module).
+DecoderState = tuple[str, int, Mapping[str, Any], Mapping[str, torch.Tensor]]
 
 
 def _store(x: torch.Tensor, dtype: str, per_channel: bool) -> Stored:
@@ -34,8 +40,13 @@ def random_d3(
     dtype: str = "F32",
     per_channel: bool = False,
     budget: Optional[Budget] = None,
+    decoder_states: Optional[Sequence[DecoderState]] = None,
 ) -> D3File:
-    """A valid file: `kind` diag|lowrank|full, `labels` hard|dense|topk, `dtype` for all values."""
+    """A valid file: `kind` diag|lowrank|full, `labels` hard|dense|topk, `dtype` for all values.
+
+    `decoder_states` replaces the placeholder decoders with these (their count overrides
+    `decoders`; `width` is then unused): each state is stored in `dtype` like the other values.
+    """
     g = torch.Generator().manual_seed(seed)
     n, k, d = num_classes, latents_per_class, dim
     c, h, w = image_shape
@@ -59,7 +70,15 @@ def random_d3(
         priors.weights = store(torch.rand(n, k, generator=g))
     classes = torch.randperm(n, generator=g).tolist()
     entries = []
-    for i in range(decoders):
+    if decoder_states is not None:
+        if not decoder_states:
+            raise ValueError("decoder_states must hold at least one decoder")
+        for i, (family, version, hparams, state) in enumerate(decoder_states):
+            owned = sorted(classes[i :: len(decoder_states)])
+            weights = {name: store(value) for name, value in state.items()}
+            entries.append(DecoderEntry(family=family, version=version, classes=owned, weights=weights,
+                                        hparams=dict(hparams)))
+    for i in range(decoders if decoder_states is None else 0):  # placeholders
         owned = sorted(classes[i::decoders])
         weights = {
             "fc.weight": store(rnd(4 * width, d)),

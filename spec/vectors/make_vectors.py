@@ -5,7 +5,8 @@
 
 Deterministic: fixed seeds, explicit generators, no clock. zstd output may differ between
 zstandard library versions, so tests only read these files (load + info --json); they never
-compare freshly written bytes against them.
+compare freshly written bytes against them (load, info --json, and decoding with D3Dataset).
+Every decoder is a real registry architecture, so each vector is a fully decodable file.
 """
 from __future__ import annotations
 
@@ -15,37 +16,70 @@ from pathlib import Path
 
 import torch
 
-from d3codec.format import Budget, Stored, dumps, loads
+from d3codec.format import Stored, dumps, loads
 from d3codec.format.budget import parse_budget
 from d3codec.format.summary import describe
 from d3codec.format.testing import random_d3
+from d3codec.models import build_decoder, export_state, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
 
 
+def _decoder(family: str, hparams: dict, seed: int, fold: bool = False) -> tuple[str, int, dict, dict]:
+    """A real decoder `(family, 1, hparams, state)` with seeded random weights (fan-in scaled, so
+    the tanh output is not saturated) and non-trivial norm statistics; `fold` folds BatchNorm
+    into the convolutions (a `norm="none"` decoder)."""
+    g = torch.Generator().manual_seed(seed)
+    module = build_decoder(family, 1, hparams).eval()
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                w = m.weight
+                fan_in = w.numel() // (w.shape[1] if isinstance(m, torch.nn.ConvTranspose2d) else w.shape[0])
+                w.copy_(torch.randn(w.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                m.weight.copy_(1 + torch.randn(m.weight.shape, generator=g) * 0.1)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
+    if fold:
+        folded, state = fold_batchnorm(module)
+        return family, 1, folded, state
+    return family, 1, dict(hparams), export_state(module)
+
+
 def _vectors() -> dict[str, object]:
-    """Name -> D3File: one and several decoders, hard/soft top-k/dense labels, diag/lowrank/full,
-    float32/float16/bfloat16 and int8/uint8 (per tensor and per channel) storage."""
+    """Name -> D3File with real, decodable decoders (registry architectures, tiny widths, seeded
+    random weights): one and several decoders; small, medium and large families with batch,
+    instance and folded (none) norms; hard, dense soft and top-k soft labels; diag, lowrank and
+    full covariance; float32/float16/bfloat16 and int8/uint8 (per tensor and per channel) storage."""
     out = {}
+    hp = {"channels": 1, "image_size": 16, "latent_dim": 4, "width": 8}
     out["one-decoder-diag-hard-f32"] = random_d3(
-        1, num_classes=3, image_shape=(1, 8, 8), latents_per_class=2, dim=4, kind="diag", decoders=1,
-        width=4, labels="hard", dtype="F32", budget=parse_budget("2ipc", 3, (1, 8, 8)),
+        1, num_classes=3, image_shape=(1, 16, 16), latents_per_class=2, dim=4, kind="diag", labels="hard",
+        dtype="F32", budget=parse_budget("2ipc", 3, (1, 16, 16)), decoder_states=[_decoder("small", hp, 11)],
     )
+    hp = {"channels": 3, "image_size": 8, "latent_dim": 6, "width": 8}
+    medium = _decoder("medium", hp, 22, fold=True)
     two = random_d3(
         2, num_classes=4, image_shape=(3, 8, 8), latents_per_class=2, dim=6, kind="lowrank", rank=2,
-        mixture=True, decoders=2, width=6, labels="topk", topk=2, index_dtype="U8", dtype="I8",
-        per_channel=True, budget=parse_budget("8KiB", 4, (3, 8, 8)),
+        mixture=True, labels="topk", topk=2, index_dtype="U8", dtype="I8", per_channel=True,
+        budget=parse_budget("8KiB", 4, (3, 8, 8)), decoder_states=[_decoder("small", hp, 21), medium],
     )
     two.priors.mean = Stored.encode(two.priors.mean.dequantize(), "I8")  # per-tensor next to per-channel
-    two.decoders[1].family, two.decoders[1].hparams["width"] = "medium", 6
+    two.decoders[1].weights = {k: Stored.encode(v, "I8") for k, v in medium[3].items()}  # per-tensor decoder
     out["two-decoders-lowrank-topk-i8"] = two
+    hp = {"channels": 3, "image_size": 8, "latent_dim": 8}
     three = random_d3(
-        3, num_classes=5, image_shape=(3, 4, 4), latents_per_class=1, dim=3, kind="full", decoders=3,
-        width=2, labels="dense", dtype="F16",
+        3, num_classes=5, image_shape=(3, 8, 8), latents_per_class=1, dim=8, kind="full", labels="dense",
+        dtype="F16", decoder_states=[_decoder("small", {**hp, "width": 4}, 31),
+                                     _decoder("medium", {**hp, "width": 4, "norm": "instance"}, 32),
+                                     _decoder("large", {**hp, "width": 2}, 33)],
     )
     three.decoders[2].weights = {k: Stored(v.raw.to(torch.bfloat16)) for k, v in three.decoders[2].weights.items()}
     three.metadata.fingerprint = "sha256:" + "0" * 64
-    three.decoders[0].weights["zeros"] = Stored(torch.zeros(4096, dtype=torch.uint8))  # makes a zstd section
     out["three-decoders-full-dense-f16"] = three
     return out
 
