@@ -151,35 +151,59 @@ class Distiller:
             return x
         return self.augment(x, torch.Generator().manual_seed(seed))
 
-    def _siamese(self, syn: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same augmentation parameters on both batches (drawn for the larger; the other uses a prefix)."""
+    def _siamese(self, syn: torch.Tensor, real: torch.Tensor, slots: int, syn_slot: torch.Tensor,
+                 real_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment both batches from one draw of `slots` per-sample parameters: image i of `syn`
+        gets slot `syn_slot[i]`, image j of `real` slot `real_slot[j]` (Siamese pairs share one)."""
         if self.augment is None:
             return syn, real
-        params = self.augment.sample(syn if syn.shape[0] >= real.shape[0] else real,
-                                     torch.Generator().manual_seed(self._seed()))
-        return self.augment.apply(syn, params), self.augment.apply(real, params)
+        from d3codec.augment import DSAParams
+
+        template = syn.new_empty((slots, *syn.shape[1:]))
+        params = self.augment.sample(template, torch.Generator().manual_seed(self._seed()))
+
+        def pick(index: torch.Tensor) -> DSAParams:
+            idx = index.to(next(iter(params.values.values())).device) if params.values else index
+            return DSAParams(params.transforms, {k: (v if v.shape[0] == 1 else v[idx]) for k, v in params.values.items()})
+
+        return self.augment.apply(syn, pick(syn_slot)), self.augment.apply(real, pick(real_slot))
 
     def _seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
     # ---------------------------------------------------------------- objectives
     def _mmd_loss(self) -> torch.Tensor:
+        """Sum over classes of MMD between expert features of decoded and real images of the class.
+
+        All classes go through the feature network in one batch each (syn, real); the Siamese
+        augmentation gives the j-th decoded and the j-th real image of a class the same parameters.
+        """
         cfg = self.config
         e = int(torch.randint(self.experts.num_experts, (1,), generator=self.generator))
         flat = self._expert(e, self.experts.num_epochs)
         feat_params = {f"net.{k}": v for k, v in _named(self.net, flat).items()}
-        z, labels = self.sample_latents(cfg.samples_per_class)
+        n, s = self.num_classes, cfg.samples_per_class
+        z, _ = self.sample_latents(s)
         syn = self.decode(z)
-        total = syn.new_zeros(())
-        for c in range(self.num_classes):
+        picks = []
+        for c in range(n):
             pool = self._real_index[c]
-            pick = pool[torch.randperm(len(pool), generator=self.generator)[:cfg.real_per_class]]
-            real = self.real.batch(pick.numpy(), self.device)
-            xs, xr = self._siamese(syn[labels == c], real)
-            fs = functional_call(self._features, feat_params, (xs,))
-            with torch.no_grad():
-                fr = functional_call(self._features, feat_params, (xr,))
-            total = total + mmd2_unbiased(fs, fr, DEFAULT_SIGMAS)
+            picks.append(pool[torch.randperm(len(pool), generator=self.generator)[:cfg.real_per_class]])
+        counts = [len(p) for p in picks]
+        real = self.real.batch(torch.cat(picks).numpy(), self.device)
+        width = max(s, max(counts))
+        syn_slot = torch.cat([c * width + torch.arange(s) for c in range(n)])
+        real_slot = torch.cat([c * width + torch.arange(k) for c, k in enumerate(counts)])
+        syn, real = self._siamese(syn, real, n * width, syn_slot, real_slot)
+        fs = functional_call(self._features, feat_params, (syn,))
+        with torch.no_grad():
+            fr = functional_call(self._features, feat_params, (real,))
+        total = syn.new_zeros(())
+        start = 0
+        for c, k in enumerate(counts):
+            if k >= 2:
+                total = total + mmd2_unbiased(fs[c * s:(c + 1) * s], fr[start:start + k], DEFAULT_SIGMAS)
+            start += k
         return total
 
     def _mtt(self) -> float:

@@ -30,7 +30,7 @@ def digits(cache):
 
 
 def _options(cache: str, **kw) -> EncodeOptions:
-    base = dict(iterations=ITERS, seed=0, cache_dir=cache, quiet=True, checkpoint_every=2,
+    base = dict(iterations=ITERS, seed=0, cache_dir=cache, quiet=True, checkpoint_every=2, expert_epochs=3,
                 overrides={"samples_per_class": 6, "real_per_class": 6, "calibration_samples": 200})
     base.update(kw)
     return EncodeOptions(**base)
