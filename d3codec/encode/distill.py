@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ class DistillConfig:
     lr_lr: float = 1e-6
     init_lr: float = 1e-2
     mmd_weight: float = 1.0
+    mmd_chunk: int = 16              # classes per MMD forward/backward (bounds memory)
     augment: bool = True
     final_fraction: float = 0.1      # last share of iterations: frozen BN statistics + fake quantisation
     calibration_samples: int = 4096
@@ -127,15 +128,18 @@ class Distiller:
         pixels = (v - lo) / (hi - lo)
         return (pixels - self._pix[0]) / self._pix[1]
 
-    def sample_latents(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`per_class` draws per class, spread evenly over its K components: (z [B, D], labels [B])."""
-        n, k, d = self.mean.shape
+    def sample_latents(self, per_class: int, classes: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`per_class` draws per class (all, or `classes`), spread evenly over its K components:
+        (z [B, D], labels [B])."""
+        _, k, d = self.mean.shape
+        cls = torch.arange(self.mean.shape[0]) if classes is None else torch.as_tensor(list(classes))
+        n = len(cls)
         comp = torch.arange(per_class) % k
         eps = torch.randn(n, per_class, d, generator=self.generator).to(self.device)
-        mu = self.mean[:, comp]
-        sd = torch.exp(0.5 * self.logvar[:, comp])
+        mu = self.mean[cls.to(self.device)][:, comp]
+        sd = torch.exp(0.5 * self.logvar[cls.to(self.device)][:, comp])
         z = (mu + sd * eps).reshape(n * per_class, d)
-        labels = torch.arange(n, device=self.device).repeat_interleave(per_class)
+        labels = cls.to(self.device).repeat_interleave(per_class)
         return z, labels
 
     def _expert(self, i: int, epoch: int) -> torch.Tensor:
@@ -172,38 +176,46 @@ class Distiller:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
     # ---------------------------------------------------------------- objectives
-    def _mmd_loss(self) -> torch.Tensor:
-        """Sum over classes of MMD between expert features of decoded and real images of the class.
+    def _mmd_backward(self) -> float:
+        """Sum over classes of MMD between expert features of decoded and real images of the class;
+        gradients accumulate into `.grad`, `mmd_chunk` classes at a time (memory bounded for any
+        class count). Returns the loss.
 
-        All classes go through the feature network in one batch each (syn, real); the Siamese
-        augmentation gives the j-th decoded and the j-th real image of a class the same parameters.
+        A chunk's classes go through the feature network in one batch each (decoded, real); the
+        Siamese augmentation gives the j-th decoded and the j-th real image of a class the same
+        parameters.
         """
         cfg = self.config
         e = int(torch.randint(self.experts.num_experts, (1,), generator=self.generator))
         flat = self._expert(e, self.experts.num_epochs)
         feat_params = {f"net.{k}": v for k, v in _named(self.net, flat).items()}
-        n, s = self.num_classes, cfg.samples_per_class
-        z, _ = self.sample_latents(s)
-        syn = self.decode(z)
-        picks = []
-        for c in range(n):
-            pool = self._real_index[c]
-            picks.append(pool[torch.randperm(len(pool), generator=self.generator)[:cfg.real_per_class]])
-        counts = [len(p) for p in picks]
-        real = self.real.batch(torch.cat(picks).numpy(), self.device)
-        width = max(s, max(counts))
-        syn_slot = torch.cat([c * width + torch.arange(s) for c in range(n)])
-        real_slot = torch.cat([c * width + torch.arange(k) for c, k in enumerate(counts)])
-        syn, real = self._siamese(syn, real, n * width, syn_slot, real_slot)
-        fs = functional_call(self._features, feat_params, (syn,))
-        with torch.no_grad():
-            fr = functional_call(self._features, feat_params, (real,))
-        total = syn.new_zeros(())
-        start = 0
-        for c, k in enumerate(counts):
-            if k >= 2:
-                total = total + mmd2_unbiased(fs[c * s:(c + 1) * s], fr[start:start + k], DEFAULT_SIGMAS)
-            start += k
+        s = cfg.samples_per_class
+        total = 0.0
+        for lo in range(0, self.num_classes, cfg.mmd_chunk):
+            chunk = list(range(lo, min(self.num_classes, lo + cfg.mmd_chunk)))
+            z, _ = self.sample_latents(s, chunk)
+            syn = self.decode(z)
+            picks = []
+            for c in chunk:
+                pool = self._real_index[c]
+                picks.append(pool[torch.randperm(len(pool), generator=self.generator)[:cfg.real_per_class]])
+            counts = [len(p) for p in picks]
+            real = self.real.batch(torch.cat(picks).numpy(), self.device)
+            width = max(s, max(counts))
+            syn_slot = torch.cat([i * width + torch.arange(s) for i in range(len(chunk))])
+            real_slot = torch.cat([i * width + torch.arange(k) for i, k in enumerate(counts)])
+            syn, real = self._siamese(syn, real, len(chunk) * width, syn_slot, real_slot)
+            fs = functional_call(self._features, feat_params, (syn,))
+            with torch.no_grad():
+                fr = functional_call(self._features, feat_params, (real,))
+            loss = syn.new_zeros(())
+            start = 0
+            for i, k in enumerate(counts):
+                if k >= 2:
+                    loss = loss + mmd2_unbiased(fs[i * s:(i + 1) * s], fr[start:start + k], DEFAULT_SIGMAS)
+                start += k
+            (loss * cfg.mmd_weight).backward()
+            total += float(loss.detach()) * cfg.mmd_weight
         return total
 
     def _mtt(self) -> float:
@@ -254,9 +266,7 @@ class Distiller:
                 self.syn_lr.clamp_(min=1e-6)
         if "mmd" in cfg.objective:
             self._zero()
-            loss = self._mmd_loss() * cfg.mmd_weight
-            loss.backward()
-            out["mmd"] = float(loss.detach())
+            out["mmd"] = self._mmd_backward()
             self.opt_latents.step()
             self.opt_decoder.step()
         with torch.no_grad():
