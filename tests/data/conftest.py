@@ -53,11 +53,6 @@ def write_idx(path: str, array: np.ndarray) -> None:
 
 
 @pytest.fixture
-def shared_data() -> str:
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        path = "/work/shared/data"
-    if not os.path.isdir(path):
-        pytest.skip("shared datasets (../shared/data) are not on this machine")
-    return path
+def shared_data(shared_data_dir) -> str:
+    """The shared real datasets (`../shared/data`); skips where absent."""
+    return str(shared_data_dir)

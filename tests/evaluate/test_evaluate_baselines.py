@@ -67,12 +67,12 @@ def test_encode_image_matches_pillow(digits):
     assert size == len(buf.getvalue()) and decoded.shape == img.shape
 
 
-def test_png_beats_uint8_on_real_mnist_sized_images(tmp_path):
+def test_png_beats_uint8_on_real_mnist_sized_images(tmp_path, shared_data_dir):
     # The sanity figure, on the shared MNIST when present: 31,360 B = 4 uint8 images per
     # class but about 11 PNG images per class.
     import os
 
-    mnist = "/work/shared/data/mnist"
+    mnist = str(shared_data_dir / "mnist")
     if not os.path.isdir(mnist):
         pytest.skip("shared MNIST (../shared/data/mnist) is not on this machine")
     train = open_dataset("mnist", data_dir=mnist, cache_dir=str(tmp_path), progress=False)
