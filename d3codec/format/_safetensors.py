@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from d3codec.format.errors import InvalidFieldError, OutOfRangeError
+from d3codec.format.header import strict_object
 from d3codec.format.types import STORAGE_DTYPES
 
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in STORAGE_DTYPES.items()}
@@ -66,15 +67,6 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return b"".join(encode_parts(tensors))
 
 
-def _strict_object(pairs: list) -> dict:
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def decode(
     buf: Any,
     start: int,
@@ -96,7 +88,7 @@ def decode(
     if hlen > length - 8 or hlen > max_header:
         raise OutOfRangeError(f"{where}: safetensors header length {hlen} exceeds its {length}-byte section; {fix}")
     try:
-        head = json.loads(bytes(buf[start + 8 : start + 8 + hlen]).decode("utf-8"), object_pairs_hook=_strict_object)
+        head = json.loads(bytes(buf[start + 8 : start + 8 + hlen]).decode("utf-8"), object_pairs_hook=strict_object)
     except (ValueError, RecursionError) as exc:
         raise InvalidFieldError(f"{where}: safetensors header is not valid JSON ({exc}); {fix}") from None
     if not isinstance(head, dict):

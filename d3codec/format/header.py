@@ -102,7 +102,8 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def _strict_pairs(pairs: list) -> dict:
+def strict_object(pairs: list) -> dict:
+    """A JSON object hook that refuses duplicate keys (the spec forbids them)."""
     out = {}
     for k, v in pairs:
         if k in out:
@@ -118,7 +119,7 @@ def _no_constants(name: str) -> Any:
 def parse_json(raw: bytes, ctx: Ctx) -> dict[str, Any]:
     """Strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_pairs, parse_constant=_no_constants)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=strict_object, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         raise ctx.invalid(f"header is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(obj, dict):
