@@ -139,16 +139,14 @@ def store_priors(mean: torch.Tensor, logvar: torch.Tensor, dtype: str) -> Priors
 
 def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
                  weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
-                 provenance: dict[str, Any], budget: Budget, random: bool = False) -> tuple[D3File, int]:
-    """A file of the planned structure. `random`: incompressible values (uniform noise) for an
-    estimate of the compressed size; else smooth values (the structure is all the bound reads)."""
-    gen = torch.Generator().manual_seed(0)
+                 provenance: dict[str, Any], budget: Budget, zeros: bool = False) -> tuple[D3File, int]:
+    """A file of the planned structure: smooth values (the structure is all the bound reads), or
+    all zeros (`zeros`: the payload then compresses away, leaving the value-independent parts)."""
 
     def values(shape: Sequence[int]) -> torch.Tensor:
-        n = math.prod(shape)
-        if random:
-            return (torch.rand(n, generator=gen) * 2 - 1).reshape(tuple(shape))
-        return torch.linspace(-1, 1, n).reshape(tuple(shape))
+        if zeros:
+            return torch.zeros(tuple(shape))
+        return torch.linspace(-1, 1, math.prod(shape)).reshape(tuple(shape))
 
     shapes = decoder_shapes(family, version, hparams)
     state = {name: (torch.zeros(shape, dtype=dt) if not dt.is_floating_point else values(shape))
@@ -157,11 +155,6 @@ def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[st
     n = len(classes)
     z = values((n, k, d))
     lab = placeholder_labels(labels, metadata.num_classes, k)
-    if random and lab.kind == "soft":
-        p = torch.softmax(values((n, k, metadata.num_classes)) * 8, dim=-1)
-        from d3codec.encode.labels import store_labels
-
-        lab = store_labels(p, labels)
     d3 = D3File(metadata=metadata, priors=store_priors(z, z, latent_dtype),
                 decoders=[DecoderEntry(family, version, hparams, list(classes), weights)],
                 labels=lab, budget=budget, provenance=provenance)
@@ -182,17 +175,23 @@ def _decoder_bytes(family: str, version: int, hparams: dict[str, Any], weight_dt
 def _estimate(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
               weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
               provenance: dict[str, Any], budget: Budget) -> int:
-    """Compressed size of an incompressible-valued placeholder, plus room for the widest JSON form of
-    every quantisation scale and zero point, plus a 2% + 64 byte margin."""
+    """Size estimate for budgets the strict bound cannot serve: every tensor value counted raw (no
+    compression credit: trained values may not compress), only the value-independent parts (JSON
+    header, safetensors headers) compressed, as measured on an all-zero placeholder; plus the
+    widest JSON form of every quantisation scale and zero point, per-section zstd overhead and a
+    1% + 64 byte margin."""
     from d3codec.format.io import encoded_size
 
     d3, _ = _placeholder(metadata, family, version, hparams, k, d, weight_dtype, latent_dtype, labels, classes,
-                         provenance, budget, random=True)
-    size = encoded_size(d3)
+                         provenance, budget, zeros=True)
     stored = [*d3.decoders[0].weights.values(), d3.priors.mean, d3.priors.logvar,
-              *(s for s in (d3.labels.probs, d3.labels.values) if s is not None)]
-    slack = sum(18 * len(s.scale or ()) + 4 * len(s.zero_point or ()) for s in stored if s is not None)
-    return size + slack + size // 50 + 64
+              *(s for s in (d3.labels.probs, d3.labels.indices, d3.labels.values) if s is not None)]
+    payload = sum(s.nbytes for s in stored)
+    slack = sum(18 * len(s.scale or ()) + 4 * len(s.zero_point or ()) for s in stored)
+    sections = 2 + len(d3.decoders)
+    overhead = sections * 32 + 3 * (payload // (128 * 1024) + sections)
+    size = encoded_size(d3) + payload + slack + overhead
+    return size + size // 100 + 64
 
 
 def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bool]:
