@@ -72,6 +72,15 @@ class EncodeOptions:
         return n, e
 
 
+def check_output(output: Optional[str]) -> None:
+    """Refuse a missing -o or an output folder that does not exist, before any training."""
+    if output is None:
+        raise ConfigError("give an output file with -o/--output (or use --dry-run)")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"output folder {out_dir} does not exist; create it or choose another -o path")
+
+
 def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int], dataset: Any,
                 experts: tuple[int, int]) -> dict[str, Any]:
     """What made the file: fixed before training (it counts in the planned header)."""
@@ -118,11 +127,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     say(f"objective {cfg.objective}, {cfg.iterations} iterations, seed {cfg.seed}, device {options.device}")
     if options.dry_run:
         return plan
-    if output is None:
-        raise ConfigError("give an output file with -o/--output (or use --dry-run)")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"output folder {out_dir} does not exist; create it or choose another -o path")
+    check_output(output)
     torch.manual_seed(cfg.seed)  # nothing should use the global RNG; this pins anything that does
 
     from d3codec.encode.experts import ensure_experts

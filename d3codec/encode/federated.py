@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from d3codec._version import __version__
-from d3codec.encode.api import EncodeOptions, encode, plan_for
+from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.labels import LabelStorage
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
@@ -468,11 +468,7 @@ def encode_federated(data: Optional[DataSpec], budget: Union[str, int, Budget], 
         if rank == 0:
             say(render_estimate(estimate_cost(dataset, fplan), fplan, max(world, nproc)))
         return fplan
-    if output is None:
-        raise ConfigError("give an output file with -o/--output (or use --dry-run)")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"output folder {out_dir} does not exist; create it or choose another -o path")
+    check_output(output)
     if subtask is not None:
         if world > 1:
             raise ConfigError("--subtask runs one subtask in one process; run it without torchrun")
