@@ -1,7 +1,8 @@
 """Expert trajectories for trajectory matching: ConvNets trained on real data, every epoch saved.
 
 `ensure_experts(dataset, num_experts=N, epochs=E, ...)` returns an `ExpertSet`, training only the
-experts (and epochs) not yet in the cache. Layout of `<cache>/experts/<key>/`, where the key hashes
+experts (and epochs) not yet in the cache; `train_experts` trains chosen indices of a set (ranks
+sharing a subtask's experts). Layout of `<cache>/experts/<key>/`, where the key hashes
 the data fingerprint, the class subset and every training setting (not N: asking for more experts
 reuses the first ones): `config.json`; `expert_0003.safetensors` (tensor `trajectory` [E+1, P]
 float32, epoch 0 = initialisation, parameters flat in `param_names` order; metadata: held-out
@@ -23,7 +24,7 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -193,9 +194,22 @@ def ensure_experts(dataset: Any, *, num_experts: int, epochs: int, classes: Opti
     config = ExpertConfig(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
                           weight_decay=weight_decay, lr_decay=lr_decay, augment=augment, width=width,
                           depth=depth, seed=seed)
-    config.validate()
     if num_experts < 1:
         raise ConfigError(f"--experts must be at least 1, got {num_experts}")
+    folder, _ = train_experts(dataset, range(num_experts), config, classes=classes, cache_dir=cache_dir,
+                              device=device, test_dataset=test_dataset, progress=progress)
+    return ExpertSet(folder, num_experts)
+
+
+def train_experts(dataset: Any, indices: Iterable[int], config: ExpertConfig, *,
+                  classes: Optional[Sequence[int]] = None, cache_dir: Optional[str] = None,
+                  device: Union[str, torch.device] = "cpu", test_dataset: Any = None,
+                  progress: bool = True) -> tuple[str, list[int]]:
+    """Train just the experts `indices` of the set `config` defines (cached ones are skipped), as
+    `ensure_experts` with the same settings would: returns the set's cache folder and the indices
+    this call trained. An expert depends on its index alone, never on who trains it, so ranks that
+    share a subtask each train theirs into the same folder (every write is atomic)."""
+    config.validate()
     chosen = list(dataset.classes) if classes is None else [int(c) for c in classes]
     train = dataset if classes is None else dataset.subset(chosen)
     test = None if test_dataset is None else (test_dataset if classes is None else test_dataset.subset(chosen))
@@ -213,12 +227,16 @@ def ensure_experts(dataset: Any, *, num_experts: int, epochs: int, classes: Opti
         with open(tmp, "w") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp, config_path)
-    for i in range(num_experts):
+    trained = []
+    for i in indices:
+        if i < 0:
+            raise ConfigError(f"expert indices start at 0, got {i}")
         final = os.path.join(folder, f"expert_{i:04d}.safetensors")
         if os.path.isfile(final):
             continue
         _train_one(i, train, test, config, final, device, progress)
-    return ExpertSet(folder, num_experts)
+        trained.append(i)
+    return folder, trained
 
 
 def _train_one(i: int, train: Any, test: Any, config: ExpertConfig, final: str,

@@ -10,7 +10,10 @@ labels), searched so that the merged file's strict size bound fits the budget.
 
 `encode_federated` runs it: serially, with `nproc` local processes, or under `torchrun` (ranks
 from RANK / WORLD_SIZE / LOCAL_RANK, a gloo group only for barriers). Task t (subtasks, then the
-teacher when labels are soft) goes to rank t % world. Each finished subtask is written at once,
+teacher when labels are soft) goes to rank t % world. With more ranks than subtasks, rank r also
+joins the group of subtask r % K and trains its share of that subtask's experts (expert i goes to
+the group's member i % group size) into the shared expert cache; the group's lead (rank s) waits
+for its members' done markers in the work folder, then distils. Each finished subtask is written at once,
 atomically, as a valid part file in `<output>.parts/`; a rerun of the same command reuses every
 part whose run key matches and resumes unfinished subtasks from their checkpoints, so the final
 file is the one an uninterrupted run writes. All compute runs with one intra-op thread per process:
@@ -302,6 +305,143 @@ def _merged_breakdown(d3: D3File, bound: int) -> dict[str, int]:
             "header etc": bound - priors - decoders - labels}
 
 
+# ---------------------------------------------------------------- sharing a subtask's experts
+
+def subtask_group(index: int, subtasks: int, world: int) -> list[int]:
+    """Ranks that train subtask `index`'s experts, its lead (the rank that distils it) first: the
+    ranks r with r % subtasks == index when there are more ranks than subtasks, else its one rank."""
+    if world > subtasks:
+        return list(range(index, world, subtasks))
+    return [index % world]
+
+
+def experts_per_subtask(fplan: FederatedPlan) -> int:
+    """How many experts each subtask trains (the same for all: it does not depend on the images)."""
+    options = fplan.subtask_options(0)
+    return options.expert_settings(options.distill_config())[0]
+
+
+def expert_owner(fplan: FederatedPlan, index: int, expert: int, world: int) -> int:
+    """The rank that trains expert `expert` of subtask `index`: its group's member expert % size."""
+    group = subtask_group(index, fplan.subtasks, world)
+    return group[expert % len(group)]
+
+
+def expert_shares(fplan: FederatedPlan, rank: int, world: int) -> list[tuple[int, list[int]]]:
+    """(subtask, expert indices) rank `rank` trains for a subtask it shares with other ranks; empty
+    with no more ranks than subtasks (each subtask's one rank then trains all its experts)."""
+    if world <= fplan.subtasks:
+        return []
+    index = rank % fplan.subtasks
+    mine = [i for i in range(experts_per_subtask(fplan)) if expert_owner(fplan, index, i, world) == rank]
+    return [(index, mine)] if mine else []
+
+
+def _expert_setup(dataset: Any, fplan: FederatedPlan, index: int) -> tuple[Any, list[int]]:
+    """Subtask `index`'s expert settings and classes, exactly as its `encode` asks `ensure_experts`
+    for them (so experts trained elsewhere land in the folder its distillation reads)."""
+    from d3codec.encode.experts import ExpertConfig
+
+    options = fplan.subtask_options(index)
+    cfg = options.distill_config()
+    real = dataset.subset(fplan.groups[index])
+    _, epochs = options.expert_settings(cfg, len(real))
+    return ExpertConfig(epochs=epochs, seed=cfg.seed), [int(c) for c in real.classes]
+
+
+def _marker(workdir: str, index: int, expert: int) -> str:
+    """Prefix of the done / failed marker of expert `expert` of subtask `index` (`.done`, `.failed`)."""
+    return f"{part_path(workdir, index)}.expert-{expert:04d}"
+
+
+def _write_marker(path: str, record: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def clear_expert_markers(workdir: str) -> None:
+    """Remove the expert markers of earlier invocations (called once per run, before any rank starts)."""
+    if not os.path.isdir(workdir):
+        return
+    for name in os.listdir(workdir):
+        if ".expert-" in name:
+            try:
+                os.unlink(os.path.join(workdir, name))
+            except OSError:
+                pass
+
+
+def train_expert_shares(dataset: Any, fplan: FederatedPlan, workdir: str, rank: int, world: int,
+                        device: Optional[str] = None, log: Optional[Log] = None) -> list[tuple[int, int, bool]]:
+    """Train this rank's share of the experts of the subtask it shares (see `expert_shares`), one by
+    one into the expert cache, each followed by its done marker (a failed one leaves a failed
+    marker, so the lead stops waiting). Returns (subtask, expert, trained here: not found cached)."""
+    from d3codec.encode.experts import train_experts
+
+    say: Log = log or (lambda s: None if fplan.options.quiet else print(s, file=sys.stderr))
+    n = experts_per_subtask(fplan)
+    out: list[tuple[int, int, bool]] = []
+    for index, mine in expert_shares(fplan, rank, world):
+        group = subtask_group(index, fplan.subtasks, world)
+        done = finished_part(part_path(workdir, index), fplan.run, index) is not None
+        config, classes = _expert_setup(dataset, fplan, index)
+        for i in mine:
+            record: dict[str, Any] = {"run": fplan.run, "rank": rank, "world": world, "subtask": index, "expert": i}
+            try:
+                if done:  # the part is finished: nobody needs this expert now
+                    folder, trained = "", []
+                else:
+                    with single_thread():
+                        folder, trained = train_experts(dataset, [i], config, classes=classes,
+                                                        cache_dir=fplan.options.cache_dir,
+                                                        device=device or fplan.options.device,
+                                                        progress=not fplan.options.quiet)
+            except BaseException as e:
+                _write_marker(_marker(workdir, index, i) + ".failed", {**record, "error": f"{type(e).__name__}: {e}"})
+                raise
+            _write_marker(_marker(workdir, index, i) + ".done", {**record, "folder": folder, "trained": bool(trained)})
+            out.append((index, i, bool(trained)))
+            what = "part already done" if done else ("trained" if trained else "found cached")
+            say(f"subtask {index}: expert {i} of {n} {what} (experts shared by ranks {','.join(map(str, group))})")
+    return out
+
+
+class SharedExpertFailed(RuntimeError):
+    """Another rank failed training an expert this rank's subtask waits for (its own error says why)."""
+
+
+def _wait_for_experts(workdir: str, fplan: FederatedPlan, index: int, shared: dict[int, int], say: Log,
+                      poll: float = 0.05) -> None:
+    """Wait until every expert of subtask `index` that other ranks train (expert -> rank) has its
+    done marker; raise when one has a failed marker. A marker whose folder this rank cannot see
+    (a cache not shared by the ranks) only means `encode` trains that expert again, to the same values."""
+    pending = dict(shared)
+    if pending:
+        say(f"subtask {index}: waiting for experts {sorted(pending)} from ranks {sorted(set(pending.values()))}")
+    while pending:
+        for i, r in sorted(pending.items()):
+            prefix = _marker(workdir, index, i)
+            if os.path.isfile(prefix + ".failed"):
+                with open(prefix + ".failed") as f:
+                    error = json.load(f).get("error", "")
+                raise SharedExpertFailed(f"rank {r} failed training expert {i} of subtask {index} ({error}); "
+                                   "rerun the same command to resume")
+            if os.path.isfile(prefix + ".done"):
+                with open(prefix + ".done") as f:
+                    record = json.load(f)
+                del pending[i]
+                where = os.path.join(record.get("folder", ""), f"expert_{i:04d}.safetensors")
+                if record.get("folder") and not os.path.isfile(where):
+                    say(f"subtask {index}: expert {i} from rank {r} is not in this rank's cache ({where}); "
+                        "training it here (give the ranks one shared --cache-dir to avoid this)")
+                else:
+                    say(f"subtask {index}: expert {i} from rank {r}")
+        if pending:
+            time.sleep(poll)
+
+
 # ---------------------------------------------------------------- running
 
 def part_path(workdir: str, index: int) -> str:
@@ -327,11 +467,12 @@ def finished_part(path: str, run: str, index: int) -> Optional[D3File]:
 
 
 def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, device: Optional[str] = None,
-                log: Optional[Log] = None) -> D3File:
+                log: Optional[Log] = None, shared: Optional[dict[int, int]] = None) -> D3File:
     """Distil subtask `index` into the part file `path` (atomic), unless it is already there.
 
     Resumes from its checkpoint when an earlier run of the same plan stopped inside this subtask;
-    leftovers of another run (noted in `path.run`) are discarded.
+    leftovers of another run (noted in `path.run`) are discarded. `shared` (expert -> rank): the
+    experts other ranks train, waited for (their markers beside `path`) before distilling.
     """
     say: Log = log or (lambda s: None if fplan.options.quiet else print(s, file=sys.stderr))
     done = finished_part(path, fplan.run, index)
@@ -356,6 +497,7 @@ def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, de
     say(f"subtask {index}: {len(fplan.groups[index])} classes ({_ranges(fplan.groups[index])}), "
         f"at most {fplan.share:,} bytes -> {path}")
     if finished_part(trained, fplan.run, index) is None:  # else: stopped between training and the final write
+        _wait_for_experts(os.path.dirname(os.path.abspath(path)), fplan, index, shared or {}, say)
         with single_thread():
             encode(dataset, fplan.planning_budget(), trained, options, log=say)
     d3 = _add_dataset_reference(trained, path, fplan, say)
@@ -402,14 +544,23 @@ def run_teacher(dataset: Any, fplan: FederatedPlan, device: Optional[str] = None
 
 def run_tasks(dataset: Any, fplan: FederatedPlan, workdir: str, rank: int, world: int,
               device: Optional[str] = None, log: Optional[Log] = None) -> list[int]:
-    """Run this rank's tasks (round-robin over subtasks, then the teacher); returns their indices."""
+    """Run this rank's work: first its share of a shared subtask's experts (more ranks than
+    subtasks), then its tasks (round-robin over subtasks, then the teacher); returns the tasks."""
+    train_expert_shares(dataset, fplan, workdir, rank, world, device, log)
     tasks = assigned_tasks(fplan.num_tasks, rank, world)
+    n = experts_per_subtask(fplan)
     for t in tasks:
         if t < fplan.subtasks:
-            run_subtask(dataset, fplan, t, part_path(workdir, t), device=device, log=log)
+            shared = {i: r for i in range(n) if (r := expert_owner(fplan, t, i, world)) != rank}
+            run_subtask(dataset, fplan, t, part_path(workdir, t), device=device, log=log, shared=shared)
         else:
             run_teacher(dataset, fplan, device)
     return tasks
+
+
+def ranks_with_work(fplan: FederatedPlan, world: int) -> list[int]:
+    """The ranks of `world` that have anything to do (a task or a share of some subtask's experts)."""
+    return [r for r in range(world) if assigned_tasks(fplan.num_tasks, r, world) or expert_shares(fplan, r, world)]
 
 
 def _rank_device(device: str, local_rank: int) -> str:
@@ -496,6 +647,7 @@ def _merge_and_clean(dataset: Any, fplan: FederatedPlan, workdir: str, output: s
                 os.unlink(extra)
             except OSError:
                 pass
+    clear_expert_markers(workdir)
     try:
         os.rmdir(workdir)
     except OSError:
@@ -504,15 +656,22 @@ def _merge_and_clean(dataset: Any, fplan: FederatedPlan, workdir: str, output: s
 
 
 def _run_local_processes(data: DataSpec, fplan: FederatedPlan, workdir: str, nproc: int) -> None:
-    """`nproc` spawned processes, process r running tasks r, r + nproc, ...; errors re-raised here."""
+    """`nproc` local ranks as spawned processes (only those with work are started), process r
+    running tasks r, r + nproc, ... and its share of experts; the first error is re-raised here."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    workers = min(nproc, fplan.num_tasks)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_process_job, data, fplan, workdir, r, workers) for r in range(workers)]
-        for f in futures:
-            f.result()
+    world = nproc if nproc > fplan.subtasks else min(nproc, fplan.num_tasks)
+    ranks = ranks_with_work(fplan, world)
+    clear_expert_markers(workdir)
+    with ProcessPoolExecutor(max_workers=len(ranks), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_process_job, data, fplan, workdir, r, world) for r in ranks]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        pool.shutdown(wait=True, cancel_futures=True)  # the others finish what they are doing
+    errors = [e for e in (f.exception() for f in futures if not f.cancelled()) if e is not None]
+    # A lead that stopped waiting for a failed expert reports the member's error, not its own.
+    for e in sorted(errors, key=lambda e: isinstance(e, SharedExpertFailed)):
+        raise e
 
 
 def _run_torchrun(dataset: Any, fplan: FederatedPlan, workdir: str, output: str, rank: int, world: int,
@@ -529,6 +688,9 @@ def _run_torchrun(dataset: Any, fplan: FederatedPlan, workdir: str, output: str,
     prefix = f"[rank {rank}] "
     rank_say: Log = lambda s: say(prefix + s.replace("\n", "\n" + prefix))  # noqa: E731
     try:
+        if rank == 0:
+            clear_expert_markers(workdir)  # earlier invocations' markers: before any rank writes one
+        dist.barrier()
         run_tasks(dataset, fplan, workdir, rank, world, _rank_device(fplan.options.device, local_rank), log=rank_say)
         dist.barrier()
         result = _merge_and_clean(dataset, fplan, workdir, output, say) if rank == 0 else None
@@ -613,9 +775,29 @@ def estimate_cost(dataset: Any, fplan: FederatedPlan, probe_seconds: float = 2.0
         distil = cfg.iterations * per_iteration * len(g) / len(probe_classes)
         experts = n_exp * n_ep * fplan.images[i] * per_image
         out[f"subtask {i}"] = distil + experts
+        out[f"subtask {i} experts"] = experts
     if fplan.teacher is not None:
         out["teacher"] = fplan.teacher["epochs"] * sum(fplan.images) * per_image
     return out
+
+
+def _wall_seconds(cost: dict[str, float], fplan: FederatedPlan, ranks: int) -> float:
+    """Wall time of the run on `ranks` ranks: each rank trains its expert shares, then runs its
+    tasks in order; a shared subtask's lead distils once its whole group has trained its shares."""
+    n = experts_per_subtask(fplan)
+    per_expert = lambda s: cost.get(f"subtask {s} experts", 0.0) / n  # noqa: E731
+    finish = [sum(len(mine) * per_expert(s) for s, mine in expert_shares(fplan, r, ranks)) for r in range(ranks)]
+    ready = list(finish)
+    for r in range(ranks):
+        for t in assigned_tasks(fplan.num_tasks, r, ranks):
+            if t >= fplan.subtasks:
+                finish[r] += cost.get("teacher", 0.0)
+            elif ranks > fplan.subtasks:  # its experts come from phase one
+                group = subtask_group(t, fplan.subtasks, ranks)
+                finish[r] = max(finish[r], *(ready[g] for g in group)) + cost[f"subtask {t}"] - n * per_expert(t)
+            else:
+                finish[r] += cost[f"subtask {t}"]
+    return max(finish)
 
 
 def _sync(device: str) -> None:
@@ -629,7 +811,7 @@ def render_estimate(cost: dict[str, float], fplan: FederatedPlan, ranks: int) ->
     kind = "GPU" if device.startswith("cuda") else "CPU-process"
     tasks = [cost[f"subtask {i}"] for i in range(fplan.subtasks)] + ([cost["teacher"]] if "teacher" in cost else [])
     total = sum(tasks)
-    wall = max(sum(tasks[t] for t in assigned_tasks(len(tasks), r, ranks)) for r in range(max(1, ranks)))
+    wall = _wall_seconds(cost, fplan, max(1, ranks))
     return (f"estimate from a timed probe on {device}: {cost['seconds_per_iteration']:.3f} s per distillation "
             f"iteration (subtask 0), {1e3 * cost['seconds_per_expert_image']:.3f} ms per expert training image; "
             f"about {total / 3600:.2f} {kind}-hours in all (subtasks + teacher), "
