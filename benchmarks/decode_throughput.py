@@ -128,19 +128,27 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     ap.add_argument("--precision", default=None, help="fp32 (CPU default) or bf16/fp16 (CUDA default bf16)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoders (pays on GPUs)")
+    ap.add_argument("--stem-matmul", choices=("auto", "on", "off"), default="auto",
+                    help="decoder stem as matmuls (auto: on for CPU); off measures the plain fast path")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stem = {"auto": None, "on": True, "off": False}[args.stem_matmul]
     cuda = device.type == "cuda"
     batch = args.batch_size or (4096 if cuda else 256)
     precision = args.precision or ("bf16" if cuda else "fp32")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for family, res in itertools.product(args.families.split(","), [int(r) for r in args.resolutions.split(",")]):
         d3 = make_file(family, res)
-        ours = _rate(ours_step(d3, batch, device, precision=precision, compile=args.compile), args.seconds, sync)
+        ours = _rate(ours_step(d3, batch, device, precision=precision, compile=args.compile, stem_matmul=stem),
+                     args.seconds, sync)
         naive = _rate(naive_step(d3, batch, device), args.seconds, sync)
         consumer = _rate(consumer_step(res, batch, device), args.seconds, sync)
         row = {"family": family, "resolution": res, "device": str(device), "batch_size": batch,
-               "precision": precision, "images_per_s": round(ours, 1), "naive_images_per_s": round(naive, 1),
+               "precision": precision, "threads": torch.get_num_threads(), "stem_matmul": args.stem_matmul,
+               "images_per_s": round(ours, 1), "naive_images_per_s": round(naive, 1),
                "consumer_images_per_s": round(consumer, 1), "vs_naive": round(ours / naive, 2),
                "vs_consumer": round(ours / consumer, 2)}
         if args.json:

@@ -80,8 +80,8 @@ class D3Dataset(IterableDataset):
         labels: "file" (soft probabilities if the file has them) or "hard" (int64 class ids).
         precision: "fp32", "bf16" or "fp16" (autocast when decoding; bf16 changes pixels by about
             1e-2, fp16 by about 1e-3).
-        channels_last, compile, fold_bn: speed options of `Renderer` (channels-last and BatchNorm
-            folding on by default; compile off).
+        channels_last, compile, fold_bn, stem_matmul: speed options of `Renderer` (channels-last and
+            BatchNorm folding on by default, the stem as matmuls on CPU; compile off).
         rank, world_size: override what `torch.distributed` says.
     """
 
@@ -91,7 +91,8 @@ class D3Dataset(IterableDataset):
                  augment: Union[bool, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = False,
                  denormalize: bool = False, *, labels: str = "file", endless: bool = False,
                  drop_last: bool = False, precision: str = "fp32", channels_last: Optional[bool] = None,
-                 compile: bool = False, fold_bn: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+                 compile: bool = False, fold_bn: bool = True, stem_matmul: Optional[bool] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
         super().__init__()
         if isinstance(source, D3File):
             d3, self.source = source, None
@@ -123,7 +124,7 @@ class D3Dataset(IterableDataset):
         self.epoch_size = epoch_size or self.round * math.ceil(fill / self.round)
         self.class_cdf = self._class_cdf(class_weights, n)
         self.renderer = Renderer(d3, self.device, precision=precision, channels_last=channels_last, compile=compile,
-                                 fold_bn=fold_bn)
+                                 fold_bn=fold_bn, stem_matmul=stem_matmul)
         self.output = OutputSpace(d3.metadata, denormalize=denormalize, device=self.device)
         self.labels = LabelTable(d3.labels, n, self.device, hard=labels == "hard")
         if augment is True:
