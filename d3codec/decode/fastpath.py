@@ -16,6 +16,7 @@ matrix entries (2.8x the first conv's weights for k3; 50 MiB for the paper's `la
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -28,50 +29,40 @@ from d3codec.models._upsample import UpsamplingDecoder
 MAX_STEM_ELEMENTS = 1 << 26
 
 
+#: Raster pixels of the 2x2 map in an order where every single pixel, row, column and the whole map
+#: is a window (contiguous run): `u[:, a:a + n]` of the reordered input is then a view.
+_SEQUENCE = (0, 1, 3, 2, 0)
+
+
 class AffineStem(nn.Module):
     """z [B, latent] -> the first block's pre-norm map [B, Cout, S, S] (channels-last strides).
 
-    `kind` is "fused" (one dense matmul from z) or "grouped" (Linear if any, then one GEMM per
-    group of output pixels that read the same input pixels).
+    `kind` "fused": one dense addmm from z. `kind` "grouped": the Linear (if any), the 2x2 map's
+    pixels reordered once (`_SEQUENCE`), then one addmm per (output row, run of output columns that
+    read the same input pixels), each reading a window of that reordering and writing its slice of
+    the NHWC output in place: no gathers, no concatenation, no permutation afterwards.
     """
 
     def __init__(self, kind: str, pre: Optional[nn.Linear], cin: int, cout: int, side: int,
-                 groups: list[tuple[Optional[list[int]], torch.Tensor]], bias: torch.Tensor,
-                 order: list[int]) -> None:
+                 pieces: list[tuple[int, int, int, int, int]], weights: list[torch.Tensor], bias: torch.Tensor) -> None:
         super().__init__()
         self.kind, self.pre, self.cin, self.cout, self.side = kind, pre, cin, cout, side
-        # each group's input pixels: a contiguous range (a view) or an index buffer `index<i>`
-        self.ranges: list[Optional[tuple[int, int]]] = []
-        for i, (ins, _) in enumerate(groups):
-            if ins is None or ins == list(range(ins[0], ins[0] + len(ins))):
-                self.ranges.append(None if ins is None else (ins[0], ins[0] + len(ins)))
-            else:
-                self.ranges.append(None)
-                self.register_buffer(f"index{i}", torch.tensor(ins, dtype=torch.int64))
-        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for _, w in groups)
-        # group-major columns: bias in that order; `perm` puts output pixels back in raster order
-        cols = torch.tensor(order)
-        self.register_buffer("bias", bias.view(side * side, cout)[cols.to(bias.device)].reshape(-1).contiguous())
-        perm = torch.empty(len(order), dtype=torch.int64)
-        perm[cols] = torch.arange(len(order))
-        self.register_buffer("perm", None if order == sorted(order) else perm)
+        self.pieces = pieces  # (window start, window length, output row, first and last + 1 output column)
+        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weights)
+        self.register_buffer("bias", bias)  # [S * S * Cout], raster (row, column, channel)
+        self.register_buffer("sequence", torch.tensor(_SEQUENCE, dtype=torch.int64))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        b = z.shape[0]
+        b, s, c = z.shape[0], self.side, self.cout
         if self.kind == "fused":
-            y = torch.addmm(self.bias, z, self.weights[0])
-        else:
-            u = self.pre(z) if self.pre is not None else z
-            u = u.reshape(b, self.cin, -1).transpose(1, 2).contiguous()  # [B, pixels, Cin]
-            ys = []
-            for i, (span, w) in enumerate(zip(self.ranges, self.weights)):
-                x = u[:, span[0]:span[1]] if span is not None else u.index_select(1, getattr(self, f"index{i}"))
-                ys.append(torch.mm(x.reshape(b, -1), w))
-            y = torch.cat(ys, 1).add_(self.bias)
-        y = y.view(b, -1, self.cout)
-        if self.perm is not None:
-            y = y.index_select(1, self.perm)
-        return y.view(b, self.side, self.side, self.cout).permute(0, 3, 1, 2)
+            return torch.addmm(self.bias, z, self.weights[0]).view(b, s, s, c).permute(0, 3, 1, 2)
+        u = self.pre(z) if self.pre is not None else z
+        u = u.view(b, self.cin, 4).transpose(1, 2).index_select(1, self.sequence)  # [B, 5, Cin] contiguous
+        out = torch.empty(b, s, s, c, device=z.device, dtype=torch.promote_types(u.dtype, self.bias.dtype))
+        bias = self.bias.view(s, s * c)
+        for (a, n, oy, x0, x1), w in zip(self.pieces, self.weights):
+            torch.addmm(bias[oy, x0 * c:x1 * c], u[:, a:a + n].reshape(b, -1), w, out=out[:, oy, x0:x1].view(b, -1))
+        return out.permute(0, 3, 1, 2)
 
 
 class FastDecoder(nn.Module):
@@ -106,25 +97,18 @@ class FastDecoder(nn.Module):
         return x
 
 
-def _blocks(conv: nn.ConvTranspose2d, side: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Non-zero weight blocks of the transposed conv on a side x side map: `(mask [P, Q] bool,
-    blocks [P, Q, Cin, Cout] float64, output side)`, P input and Q output pixels in raster order.
-    Block (p, q) is weight[:, :, ky, kx] with (ky, kx) = q - stride * p + padding, per axis."""
+def _taps(conv: nn.ConvTranspose2d, side: int) -> tuple[dict[tuple[int, int], tuple[int, int]], int]:
+    """Which weight tap links input pixel p to output pixel q of the transposed conv on a side x side
+    map: `({(p, q): (ky, kx)}, output side)`, pixels in raster order, (ky, kx) = q - stride p + padding
+    per axis; pairs not listed are the zero blocks of the dense matrix."""
     (k, _), (s, _), (pad, _), (opad, _) = conv.kernel_size, conv.stride, conv.padding, conv.output_padding
     out = (side - 1) * s - 2 * pad + k + opad
-    w = conv.weight.detach().double()
-    cin, cout = w.shape[0], w.shape[1]
-    mask = torch.zeros(side * side, out * out, dtype=torch.bool)
-    blocks = torch.zeros(side * side, out * out, cin, cout, dtype=torch.float64)
-    for iy in range(side):
-        for ix in range(side):
-            for oy in range(out):
-                for ox in range(out):
-                    ky, kx = oy - s * iy + pad, ox - s * ix + pad
-                    if 0 <= ky < k and 0 <= kx < k:
-                        mask[iy * side + ix, oy * out + ox] = True
-                        blocks[iy * side + ix, oy * out + ox] = w[:, :, ky, kx]
-    return mask, blocks, out
+    taps = {}
+    for iy, ix, oy, ox in itertools.product(range(side), range(side), range(out), range(out)):
+        ky, kx = oy - s * iy + pad, ox - s * ix + pad
+        if 0 <= ky < k and 0 <= kx < k:
+            taps[(iy * side + ix, oy * out + ox)] = (ky, kx)
+    return taps, out
 
 
 def plan_stem(module: nn.Module) -> Optional[tuple[str, int]]:
@@ -161,30 +145,54 @@ def build_stem(module: nn.Module) -> Optional[AffineStem]:
     conv = module.blocks[0].conv
     device, dtype = conv.weight.device, conv.weight.dtype
     cin, cout = conv.in_channels, conv.out_channels
-    mask, blocks, side = _blocks(conv, 2)
-    bias = conv.bias.detach().double().cpu().repeat(side * side) if conv.bias is not None \
-        else torch.zeros(side * side * cout, dtype=torch.float64)
+    taps, side = _taps(conv, 2)
+    w = conv.weight.detach().double()  # [Cin, Cout, k, k]
+    bias = conv.bias.detach().double().repeat(side * side) if conv.bias is not None \
+        else torch.zeros(side * side * cout, dtype=torch.float64, device=device)
     fc = module.fc
     if kind == "fused":
-        # z -> fc -> [Cin, 2, 2] -> conv: W[z, (q, co)] = sum_{ci, p} fcW[(ci, p), z] blocks[p, q, ci, co]
-        fw = fc.weight.detach().double().cpu().view(cin, 4, -1)  # [Cin, P, z]
-        weight = torch.einsum("cpz,pqcd->zqd", fw, blocks).reshape(fw.shape[2], -1)
-        fb = fc.bias.detach().double().cpu().view(cin, 4)
-        bias = bias + torch.einsum("cp,pqcd->qd", fb, blocks).reshape(-1)
-        groups = [(None, weight)]
-        order = list(range(side * side))
+        # z -> fc -> [Cin, 2, 2] -> conv: W[z, (q, co)] = sum_{ci, p} fcW[(ci, p), z] w[ci, co, tap(p, q)]
+        fw = fc.weight.detach().double().view(cin, 4, -1)  # [Cin, P, z]
+        fb = fc.bias.detach().double().view(cin, 4)
+        weight = torch.zeros(fw.shape[2], side * side, cout, dtype=torch.float64, device=device)
+        bias = bias.view(side * side, cout).clone()
+        for (p, q), (ky, kx) in taps.items():
+            weight[:, q] += fw[:, p].T @ w[:, :, ky, kx]
+            bias[q] += fb[:, p] @ w[:, :, ky, kx]
+        pieces, weights, bias = [], [weight.reshape(fw.shape[2], -1)], bias.reshape(-1)
     else:
-        by_inputs: dict[tuple[int, ...], list[int]] = {}
-        for q in range(side * side):
-            by_inputs.setdefault(tuple(mask[:, q].nonzero().flatten().tolist()), []).append(q)
-        groups, order = [], []
-        for ins, outs in by_inputs.items():
-            w = blocks[list(ins)][:, outs]  # [n_in, n_out, Cin, Cout] -> rows (p, ci), cols (q, co)
-            groups.append((list(ins), w.permute(0, 2, 1, 3).reshape(len(ins) * cin, len(outs) * cout)))
-            order += outs
-    groups = [(ins, w.to(device, dtype).contiguous()) for ins, w in groups]
-    return AffineStem(kind, fc if kind == "grouped" else None, cin, cout, side, groups,
-                      bias.to(device, dtype), order).to(device).eval()
+        pieces, weights = [], []
+        for oy in range(side):
+            reads = [tuple(sorted(p for p in range(4) if (p, oy * side + ox) in taps)) for ox in range(side)]
+            for x0, x1 in _runs(reads):
+                ins = _window(reads[x0])
+                # rows (input pixel in window order, Cin), columns (output column, Cout)
+                blocks = [[w[:, :, taps[(p, oy * side + ox)][0], taps[(p, oy * side + ox)][1]]
+                           for ox in range(x0, x1)] for p in _SEQUENCE[ins[0]:ins[0] + ins[1]]]
+                weights.append(torch.cat([torch.cat(row, 1) for row in blocks], 0))
+                pieces.append((ins[0], ins[1], oy, x0, x1))
+    weights = [m.to(device, dtype).contiguous() for m in weights]
+    return AffineStem(kind, fc if kind == "grouped" else None, cin, cout, side, pieces, weights,
+                      bias.to(device, dtype)).to(device).eval()
+
+
+def _runs(reads: list[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """Maximal runs [x0, x1) of equal consecutive entries."""
+    runs, x0 = [], 0
+    for x in range(1, len(reads) + 1):
+        if x == len(reads) or reads[x] != reads[x0]:
+            runs.append((x0, x))
+            x0 = x
+    return runs
+
+
+def _window(pixels: tuple[int, ...]) -> tuple[int, int]:
+    """(start, length) of the window of `_SEQUENCE` holding exactly `pixels`."""
+    n = len(pixels)
+    for a in range(len(_SEQUENCE) - n + 1):
+        if sorted(_SEQUENCE[a:a + n]) == sorted(pixels):
+            return a, n
+    raise AssertionError(f"no window of {_SEQUENCE} holds pixels {pixels}")  # pragma: no cover - 2x2 maps
 
 
 def fast_decoder(module: nn.Module, channels_last: bool = True) -> nn.Module:
