@@ -255,7 +255,10 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @_data_options
 @click.option("--objective", type=click.Choice(["auto", "mtt+mmd", "mmd", "mtt"]), default="auto", show_default=True,
               help="auto: mtt+mmd (the paper's) on CUDA, mmd on CPU.")
-@click.option("--iterations", type=int, help="Distillation iterations (default: 10000 on CUDA, 400 on CPU).")
+@click.option("--iterations", type=int, help="Distillation iterations of the objective, after the fit "
+              "(default: 10000 on CUDA, 400 on CPU).")
+@click.option("--fit-steps", type=int, help="Iterations fitting decoder and latent means to K real images per "
+              "class before the objective (0: start from random latents; default: planned for the device).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--classes", help="Distil a class subset (subtask), e.g. 0-4 or 0,3,7.")
@@ -284,8 +287,8 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars.")
 def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
-               skip_bad_images: bool, cache_dir: Optional[str], objective: str, iterations: Optional[int], seed: int,
-               device: str, classes: Optional[str], resume: bool, checkpoint_every: int, dry_run: bool,
+               skip_bad_images: bool, cache_dir: Optional[str], objective: str, iterations: Optional[int],
+               fit_steps: Optional[int], seed: int, device: str, classes: Optional[str], resume: bool, checkpoint_every: int, dry_run: bool,
                weights_dtype: str, latent_dtype: str, labels: str, latents_per_class: Optional[int],
                latent_dim: Optional[int], width: Optional[int], num_experts: Optional[int],
                expert_epochs: Optional[int], unroll: Optional[str], subtasks: Optional[int], subtask: Optional[int],
@@ -303,7 +306,7 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
 
         torch.set_num_threads(threads)
     train = _open_split(dataset, "train", data_dir, resolution, skip_bad_images, cache_dir, quiet)
-    options = EncodeOptions(objective=objective, iterations=iterations, seed=seed, device=device,
+    options = EncodeOptions(objective=objective, iterations=iterations, fit_steps=fit_steps, seed=seed, device=device,
                             classes=_parse_classes(classes), resume=resume, checkpoint_every=checkpoint_every,
                             dry_run=dry_run, quiet=quiet and not dry_run, weight_dtype=weights_dtype,
                             latent_dtype=latent_dtype, labels=labels, latents_per_class=latents_per_class,

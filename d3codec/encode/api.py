@@ -29,6 +29,7 @@ class EncodeOptions:
 
     objective: str = "auto"              # auto: mtt+mmd on CUDA, mmd on CPU (measured: see RESULTS.md)
     iterations: Optional[int] = None     # None: the device's default
+    fit_steps: Optional[int] = None      # reconstruction iterations first (0: random init); None: default
     seed: int = 0
     device: str = "cpu"
     classes: Optional[Sequence[int]] = None
@@ -58,6 +59,8 @@ class EncodeOptions:
         cfg = replace(cfg, seed=self.seed, **self.overrides)
         if self.iterations is not None:
             cfg = replace(cfg, iterations=self.iterations)
+        if self.fit_steps is not None:
+            cfg = replace(cfg, fit_steps=self.fit_steps, init="real" if self.fit_steps > 0 else "random")
         cfg.validate()
         return cfg
 
@@ -85,7 +88,7 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
                 experts: tuple[int, int]) -> dict[str, Any]:
     """What made the file: fixed before training (it counts in the planned header)."""
     prov: dict[str, Any] = {"encoder": f"d3codec {__version__}", "seed": options.seed, "objective": cfg.objective,
-                            "iterations": cfg.iterations, "experts": list(experts)}
+                            "iterations": cfg.iterations, "fit_steps": cfg.fit_iterations, "experts": list(experts)}
     if options.classes is not None:
         prov["classes"] = [int(c) for c in classes]
     prov.update(options.extra_provenance)
@@ -124,7 +127,8 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     say: Log = log or (lambda s: None if options.quiet else print(s, file=sys.stderr))
     plan, cfg, real, prov = plan_for(dataset, budget, options)
     say(plan.summary())
-    say(f"objective {cfg.objective}, {cfg.iterations} iterations, seed {cfg.seed}, device {options.device}")
+    say(f"{cfg.fit_iterations} fit iterations (K real images per class), then objective {cfg.objective}, "
+        f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
     if options.dry_run:
         return plan
     check_output(output)

@@ -6,6 +6,12 @@ random expert epoch, unrolled in constant activation memory, learnable step size
 `mtt+mmd` (both, as the paper). Decoded values v in [-1, 1] become pixels p = (v + 1) / 2 and
 then (p - mean) / std, the space real images live in, before any network sees them.
 
+Before the objective, `fit_steps` iterations (`init="real"`) fit the decoder and the latent means to
+reconstruct K real images per class, with Gaussian noise of std `fit_noise` on the latents (so
+draws around a mean decode to plausible neighbours): the generative analogue of the real-image
+initialisation of MTT and DM, which makes the objective start from a decoder that already draws
+the data.
+
 The decoder's BatchNorm uses batch statistics while it trains; for the final phase (`final_fraction`
 of the iterations) its statistics are calibrated over a large draw of the priors and folded into the
 convolutions (the `norm="none"` decoder the file stores), and its weights are fake-quantised to
@@ -29,6 +35,7 @@ from d3codec.errors import ConfigError
 from d3codec.format.types import Metadata
 
 OBJECTIVES = ("mmd", "mtt", "mtt+mmd")
+INITS = ("real", "random")
 
 
 @dataclass
@@ -54,16 +61,37 @@ class DistillConfig:
     augment: bool = True
     final_fraction: float = 0.1      # last share of iterations: frozen BN statistics + fake quantisation
     calibration_samples: int = 4096
+    init: str = "real"               # "real": reconstruct K real images per class first; "random": no fit
+    fit_steps: int = 1000            # reconstruction iterations before the objective (init="real")
+    fit_lr: float = 3e-3             # Adam, cosine-decayed over the fit (latent means at 3x)
+    fit_noise: float = 0.3           # std of the latent noise while fitting; the priors' initial std
+    fit_batch: int = 256             # targets per fit iteration
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
-        if self.iterations < 1:
-            raise ConfigError(f"--iterations must be at least 1, got {self.iterations}")
+        if self.iterations < 0:
+            raise ConfigError(f"--iterations must be at least 0, got {self.iterations}")
+        if self.iterations + (self.fit_steps if self.init == "real" else 0) < 1:
+            raise ConfigError("nothing to train: give --iterations >= 1 (or fit steps with init='real')")
         if self.samples_per_class < 2 or self.real_per_class < 2:
             raise ConfigError("MMD needs at least 2 decoded and 2 real samples per class")
         if not 0.0 <= self.final_fraction <= 1.0:
             raise ConfigError(f"final_fraction must be in [0, 1], got {self.final_fraction}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
+        if self.fit_steps < 0 or self.fit_batch < 1 or not self.fit_noise > 0:
+            raise ConfigError("fit_steps must be >= 0, fit_batch >= 1 and fit_noise > 0")
+
+    @property
+    def fit_iterations(self) -> int:
+        """Iterations of the reconstruction phase (0 without `init="real"`)."""
+        return self.fit_steps if self.init == "real" else 0
+
+    @property
+    def total_iterations(self) -> int:
+        """Every iteration the loop runs: the fit, then the objective's `iterations`."""
+        return self.fit_iterations + self.iterations
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +133,9 @@ class Distiller:
         self.opt_latents = torch.optim.SGD([self.mean, self.logvar], lr=config.lr_latents, momentum=0.5)
         self.opt_decoder = torch.optim.Adam(self.decoder.parameters(), lr=config.lr_decoder, weight_decay=1e-5)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=config.lr_lr, momentum=0.5)
+        self.opt_fit = torch.optim.Adam([{"params": list(self.decoder.parameters())},
+                                         {"params": [self.mean]}], lr=config.fit_lr)
+        self.fit_targets: Optional[torch.Tensor] = None  # [N, K] train-split indices, drawn at the first fit step
         self.iteration = 0
         self.frozen = False
         self.last: dict[str, float] = {}
@@ -252,10 +283,18 @@ class Distiller:
     def step(self) -> dict[str, float]:
         """One iteration: the objective's update(s) of latents, decoder (and step size)."""
         cfg = self.config
-        final_start = cfg.iterations - int(round(cfg.final_fraction * cfg.iterations))
-        if not self.frozen and self.iteration >= final_start and cfg.final_fraction > 0:
+        if self.iteration < cfg.fit_iterations:
+            out = {"fit": self._fit_step()}
+            self.iteration += 1
+            if self.iteration == cfg.fit_iterations:
+                with torch.no_grad():
+                    self.logvar.fill_(2.0 * math.log(cfg.fit_noise))
+            self.last = out
+            return out
+        final_start = cfg.total_iterations - int(round(cfg.final_fraction * cfg.iterations))
+        if not self.frozen and self.iteration >= final_start and cfg.final_fraction > 0 and cfg.iterations > 0:
             self.freeze()
-        out: dict[str, float] = {}
+        out = {}
         if "mtt" in cfg.objective:
             self._zero()
             out["mtt"] = self._mtt()
@@ -276,8 +315,41 @@ class Distiller:
         return out
 
     def _zero(self) -> None:
-        for opt in (self.opt_latents, self.opt_decoder, self.opt_lr):
+        for opt in (self.opt_latents, self.opt_decoder, self.opt_lr, self.opt_fit):
             opt.zero_grad(set_to_none=True)
+
+    def _draw_fit_targets(self) -> torch.Tensor:
+        """K distinct real images per class (repeating only where a class has fewer than K)."""
+        n, k = self.mean.shape[:2]
+        rows = []
+        for c in range(n):
+            pool = self._real_index[c]
+            order = torch.cat([torch.randperm(len(pool), generator=self.generator) for _ in range(-(-k // len(pool)))])
+            rows.append(pool[order[:k]])
+        return torch.stack(rows)
+
+    def _fit_step(self) -> float:
+        """One reconstruction iteration: decode (mean + noise) of a batch of components, MSE to each
+        component's real image (normalised space); Adam on decoder and means, cosine-decayed lr."""
+        cfg = self.config
+        if self.fit_targets is None:
+            self.fit_targets = self._draw_fit_targets()
+            with torch.no_grad():
+                self.mean.mul_(0.1)  # start near the origin: the fit spreads the means out
+        n, k, d = self.mean.shape
+        total = n * k
+        pick = torch.randperm(total, generator=self.generator)[:cfg.fit_batch] if total > cfg.fit_batch else torch.arange(total)
+        eps = torch.randn(len(pick), d, generator=self.generator).to(self.device)
+        lr = cfg.fit_lr * 0.5 * (1.0 + math.cos(math.pi * self.iteration / max(1, cfg.fit_iterations)))
+        self.opt_fit.param_groups[0]["lr"] = lr
+        self.opt_fit.param_groups[1]["lr"] = 3.0 * lr
+        target = self.real.batch(self.fit_targets.reshape(-1)[pick].numpy(), self.device)
+        z = self.mean.reshape(total, d)[pick.to(self.device)] + cfg.fit_noise * eps
+        loss = (self.decode(z) - target).pow(2).mean()
+        self._zero()
+        loss.backward()
+        self.opt_fit.step()
+        return float(loss.detach())
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -318,8 +390,10 @@ class Distiller:
         tensors = {"mean": self.mean.detach(), "logvar": self.logvar.detach(), "syn_lr": self.syn_lr.detach(),
                    "rng": self.generator.get_state()}
         tensors.update({f"decoder.{k}": v.detach() for k, v in self.decoder.state_dict().items()})
+        if self.fit_targets is not None:
+            tensors["fit_targets"] = self.fit_targets
         meta: dict[str, Any] = {"iteration": self.iteration, "frozen": self.frozen, "last": self.last}
-        for name, opt in (("opt_latents", self.opt_latents), ("opt_decoder", self.opt_decoder), ("opt_lr", self.opt_lr)):
+        for name, opt in self._optimizers():
             t, m = optimizer_to_flat(name, opt.state_dict())
             tensors.update(t)
             meta[name] = m
@@ -336,11 +410,16 @@ class Distiller:
             self._use_folded({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         self.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         self.generator.set_state(tensors["rng"])
-        for name, opt in (("opt_latents", self.opt_latents), ("opt_decoder", self.opt_decoder), ("opt_lr", self.opt_lr)):
+        self.fit_targets = tensors["fit_targets"].clone() if "fit_targets" in tensors else None
+        for name, opt in self._optimizers():
             opt.load_state_dict(optimizer_from_flat(name, tensors, meta[name]))
         self.iteration = int(meta["iteration"])
         self.last = dict(meta.get("last", {}))
         self.frozen = bool(meta["frozen"])
+
+    def _optimizers(self) -> tuple[tuple[str, torch.optim.Optimizer], ...]:
+        return (("opt_latents", self.opt_latents), ("opt_decoder", self.opt_decoder), ("opt_lr", self.opt_lr),
+                ("opt_fit", self.opt_fit))
 
     @torch.no_grad()
     def mean_images(self) -> torch.Tensor:

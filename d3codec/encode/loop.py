@@ -45,8 +45,9 @@ def restore_state(distiller: Distiller, path: str, plan: Plan) -> None:
 
 def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool = False,
              checkpoint_every: int = 100, quiet: bool = False) -> None:
-    """Iterate to `config.iterations`, checkpointing every `checkpoint_every` and on Ctrl-C."""
-    total = distiller.config.iterations
+    """Iterate to `config.total_iterations` (the fit, then the objective), checkpointing every
+    `checkpoint_every` and on Ctrl-C."""
+    total = distiller.config.total_iterations
     if resume:
         if os.path.isfile(checkpoint):
             restore_state(distiller, checkpoint, plan)

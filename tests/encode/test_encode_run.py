@@ -17,6 +17,7 @@ from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.io import load
 
 ITERS = 6
+FIT = 4  # reconstruction iterations before the objective: the crash/interrupt tests cross the boundary
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def digits(cache):
 
 
 def _options(cache: str, **kw) -> EncodeOptions:
-    base = dict(iterations=ITERS, seed=0, cache_dir=cache, quiet=True, checkpoint_every=2, expert_epochs=3,
+    base = dict(iterations=ITERS, fit_steps=FIT, seed=0, cache_dir=cache, quiet=True, checkpoint_every=2, expert_epochs=3,
                 overrides={"samples_per_class": 6, "real_per_class": 6, "calibration_samples": 200})
     base.update(kw)
     return EncodeOptions(**base)
@@ -51,6 +52,7 @@ def test_encode_writes_a_valid_file_within_budget(reference, tmp_path) -> None:
     assert d3.metadata.num_classes == 10 and d3.metadata.image_shape == (1, 8, 8)
     assert d3.priors.mean.shape[0] == 10 and d3.decoders[0].classes == list(range(10))
     assert d3.provenance["seed"] == 0 and d3.provenance["iterations"] == ITERS
+    assert d3.provenance["fit_steps"] == FIT
     if d3.labels.kind == "soft":
         probs = d3.labels.probs.dequantize()
         assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:2]), atol=0.05)
@@ -156,7 +158,7 @@ def test_bad_inputs_get_clear_errors(digits, cache, tmp_path) -> None:
     with pytest.raises(ConfigError, match="objective"):
         encode(digits, "1ipc", str(tmp_path / "x.d3"), _options(cache, objective="gan"))
     with pytest.raises(ConfigError, match="iterations"):
-        encode(digits, "1ipc", str(tmp_path / "x.d3"), _options(cache, iterations=0))
+        encode(digits, "1ipc", str(tmp_path / "x.d3"), _options(cache, iterations=0, fit_steps=0))
     with pytest.raises(ConfigError, match="does not exist"):
         encode(digits, "1ipc", str(tmp_path / "missing" / "x.d3"), _options(cache))
     assert not list(tmp_path.iterdir())

@@ -1,0 +1,60 @@
+"""The reconstruction phase (`init="real"`): the decoder and latent means learn to draw K real
+images per class before the objective runs, and the priors start at the fit's noise level."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from d3codec.data import open_dataset
+from d3codec.encode.api import EncodeOptions, plan_for
+from d3codec.encode.distill import Distiller
+from d3codec.encode.experts import ensure_experts
+from d3codec.errors import ConfigError
+
+FIT = 150
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    digits = open_dataset("digits", cache_dir=cache, progress=False)
+    options = EncodeOptions(latents_per_class=3, latent_dim=8, iterations=0, fit_steps=FIT, cache_dir=cache,
+                            quiet=True, expert_epochs=1, overrides={"calibration_samples": 200, "fit_noise": 0.1})
+    plan, cfg, real, _ = plan_for(digits, "4ipc", options)
+    experts = ensure_experts(digits, num_experts=1, epochs=1, seed=0, cache_dir=cache, progress=False)
+    distiller = Distiller(plan, real.metadata(), real, experts, cfg)
+    losses = [distiller.step()["fit"] for _ in range(FIT)]
+    return distiller, real, losses
+
+
+def test_fit_reconstructs_the_chosen_real_images(fitted) -> None:
+    distiller, real, losses = fitted
+    assert sum(losses[-5:]) < 0.3 * sum(losses[:5])
+    n, k = distiller.mean.shape[:2]
+    targets = real.batch(distiller.fit_targets.reshape(-1).numpy())
+    assert distiller.fit_targets.shape == (n, k)
+    # The targets are distinct real images of their own class.
+    assert all(len(set(row.tolist())) == k for row in distiller.fit_targets)
+    labels = real.label_tensor(distiller.fit_targets.reshape(-1).numpy())
+    assert torch.equal(labels, torch.arange(n).repeat_interleave(k))
+    means = distiller.mean_images().reshape(n * k, -1)
+    dist = torch.cdist(means, targets.reshape(n * k, -1))
+    own = (dist.argmin(dim=1) == torch.arange(n * k)).float().mean()
+    assert own >= 0.8, f"only {own:.0%} of mean images are nearest their own target"
+
+
+def test_priors_start_at_the_fit_noise(fitted) -> None:
+    distiller, _, _ = fitted
+    assert torch.allclose(distiller.logvar, torch.full_like(distiller.logvar, 2 * math.log(0.1)))
+    assert distiller.iteration == FIT and distiller.config.total_iterations == FIT
+
+
+def test_fit_settings_are_checked() -> None:
+    from d3codec.encode.distill import DistillConfig
+
+    with pytest.raises(ConfigError, match="init"):
+        DistillConfig(init="gan").validate()
+    with pytest.raises(ConfigError, match="fit_noise"):
+        DistillConfig(fit_noise=0.0).validate()
