@@ -4,15 +4,24 @@ The stem (optional Linear, reshape to h x 2 x 2, first ConvTranspose) is linear 
 On the 2x2 map CPU transposed convolution runs at about a quarter of the GEMM rate (large,
 1024 -> 512, batch 256, 1 thread: 220 ms vs 49 ms as matmuls), so `fast_decoder` swaps it for
 matmuls built once at load. Each output pixel reads a fixed subset of the 4 input pixels (k3: 1, 2
-or 4 of them); output pixels that read the same subset form a group and each group is one GEMM
-`[B, n_in * Cin] @ [n_in * Cin, n_out * Cout]`, so only the 25 (k3) / 36 (k4) non-zero
-(input pixel, output pixel) weight blocks are multiplied and stored, never the zeros of the
-dense 64-block matrix. When the stem has a Linear and composing it is cheaper (`small`: z of 64),
-Linear and conv become one dense `[B, z] @ [z, 16 Cout]` matmul. Matrices are the stored weights
-rearranged (composed in float64 when fused), so images equal the module's within float rounding.
-Size rule: only a 2x2 input map (at 4x4 the blocks are 121 of 256 and the matmuls no longer pay:
-measured 96 vs 76 ms for 512 -> 256 but slower for narrower layers) and at most `MAX_STEM_ELEMENTS`
-matrix entries (2.8x the first conv's weights for k3; 50 MiB for the paper's `large`).
+or 4 of them), so of the 64 (input pixel, output pixel) blocks of the dense matrix only 25 (k3) /
+36 (k4) are non-zero. Two tilings of those blocks into GEMMs `[B, n_in Cin] @ [n_in Cin, n_out Cout]`
+that read windows of the input and write slices of the NHWC output in place:
+
+- "pixels" (1 thread): per output row, one GEMM per run of columns that read the same pixels: only
+  the non-zero blocks (12 GEMMs for k3), the fewest flops.
+- "rows" (several threads): one GEMM per run of output rows that read the same input rows, zero
+  blocks inside a row kept (3 GEMMs, 40 blocks for k3): fewer, larger GEMMs split better over
+  threads and lose less when the cores are oversubscribed (every parallel region can cost a time
+  slice there: on the shared 2-core sandbox 12 small GEMMs at 2 threads took 160 ms, 3 took 84).
+
+When the stem has a Linear and composing it is cheaper (`small`: z of 64), Linear and conv become
+one dense `[B, z] @ [z, 16 Cout]` matmul ("fused"). Matrices are the stored weights rearranged
+(composed in float64 when fused), so images equal the module's within float rounding.
+Size rule: only the 2x2 input map (at 4x4 the non-zero blocks are 121 of 256 and the matmuls no
+longer pay: 96 -> 76 ms for 512 -> 256, slower for narrower layers) and at most
+`MAX_STEM_ELEMENTS` matrix entries (k3: 25 or 40 Cin Cout, 2.8x or 4.4x the conv's weights;
+the paper's `large`: 50 or 80 MiB).
 """
 from __future__ import annotations
 
@@ -37,17 +46,18 @@ _SEQUENCE = (0, 1, 3, 2, 0)
 class AffineStem(nn.Module):
     """z [B, latent] -> the first block's pre-norm map [B, Cout, S, S] (channels-last strides).
 
-    `kind` "fused": one dense addmm from z. `kind` "grouped": the Linear (if any), the 2x2 map's
-    pixels reordered once (`_SEQUENCE`), then one addmm per (output row, run of output columns that
-    read the same input pixels), each reading a window of that reordering and writing its slice of
-    the NHWC output in place: no gathers, no concatenation, no permutation afterwards.
+    `kind` "fused": one dense addmm from z. Else ("pixels" or "rows" tiling) the Linear (if any),
+    the 2x2 map's pixels reordered once (`_SEQUENCE`), the output filled with the bias once, then
+    per piece one in-place addmm from a window of that reordering into the piece's NHWC slice: no
+    gathers, no concatenation, no permutation afterwards.
     """
 
     def __init__(self, kind: str, pre: Optional[nn.Linear], cin: int, cout: int, side: int,
-                 pieces: list[tuple[int, int, int, int, int]], weights: list[torch.Tensor], bias: torch.Tensor) -> None:
+                 pieces: list[tuple[int, int, int, int, int, int]], weights: list[torch.Tensor],
+                 bias: torch.Tensor) -> None:
         super().__init__()
         self.kind, self.pre, self.cin, self.cout, self.side = kind, pre, cin, cout, side
-        self.pieces = pieces  # (window start, window length, output row, first and last + 1 output column)
+        self.pieces = pieces  # (window start, window length, output rows y0:y1, output columns x0:x1)
         self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weights)
         self.register_buffer("bias", bias)  # [S * S * Cout], raster (row, column, channel)
         self.register_buffer("sequence", torch.tensor(_SEQUENCE, dtype=torch.int64))
@@ -58,10 +68,10 @@ class AffineStem(nn.Module):
             return torch.addmm(self.bias, z, self.weights[0]).view(b, s, s, c).permute(0, 3, 1, 2)
         u = self.pre(z) if self.pre is not None else z
         u = u.view(b, self.cin, 4).transpose(1, 2).index_select(1, self.sequence)  # [B, 5, Cin] contiguous
-        out = torch.empty(b, s, s, c, device=z.device, dtype=torch.promote_types(u.dtype, self.bias.dtype))
-        bias = self.bias.view(s, s * c)
-        for (a, n, oy, x0, x1), w in zip(self.pieces, self.weights):
-            torch.addmm(bias[oy, x0 * c:x1 * c], u[:, a:a + n].reshape(b, -1), w, out=out[:, oy, x0:x1].view(b, -1))
+        dtype = torch.promote_types(u.dtype, self.bias.dtype)
+        out = self.bias.view(1, s, s, c).expand(b, s, s, c).to(dtype, copy=True)
+        for (a, n, y0, y1, x0, x1), w in zip(self.pieces, self.weights):
+            out[:, y0:y1, x0:x1].view(b, -1).addmm_(u[:, a:a + n].reshape(b, -1), w)
         return out.permute(0, 3, 1, 2)
 
 
@@ -111,34 +121,62 @@ def _taps(conv: nn.ConvTranspose2d, side: int) -> tuple[dict[tuple[int, int], tu
     return taps, out
 
 
-def plan_stem(module: nn.Module) -> Optional[tuple[str, int]]:
-    """`(kind, matrix entries)` of the stem `fast_decoder` would build for `module`, or None when
-    the size rule says no (not an `UpsamplingDecoder` with a plain 2x2 first ConvTranspose, or
-    more than `MAX_STEM_ELEMENTS` entries)."""
+def _pieces(conv: nn.ConvTranspose2d, tiling: str) -> tuple[list[tuple[int, int, int, int, int, int]], int]:
+    """The GEMM pieces `(window start, window length, y0, y1, x0, x1)` of the "pixels" or "rows"
+    tiling of the transposed conv on the 2x2 map, and the output side. A piece's output slice is
+    one row or whole rows, so it is a 2-D view of the NHWC output."""
+    taps, side = _taps(conv, 2)
+
+    def reads(ys: range, xs: range) -> tuple[int, ...]:
+        return tuple(sorted({p for p in range(4) for y in ys for x in xs if (p, y * side + x) in taps}))
+
+    pieces = []
+    if tiling == "rows":
+        for y0, y1 in _runs([reads(range(y, y + 1), range(side)) for y in range(side)]):
+            pieces.append((*_window(reads(range(y0, y1), range(side))), y0, y1, 0, side))
+    else:
+        for y in range(side):
+            for x0, x1 in _runs([reads(range(y, y + 1), range(x, x + 1)) for x in range(side)]):
+                pieces.append((*_window(reads(range(y, y + 1), range(x0, x1))), y, y + 1, x0, x1))
+    return pieces, side
+
+
+def _plain_conv(module: nn.Module) -> Optional[nn.ConvTranspose2d]:
+    """The first block's ConvTranspose2d of an `UpsamplingDecoder` with square settings, or None."""
     if not isinstance(module, UpsamplingDecoder) or len(module.blocks) == 0:
         return None
     conv = module.blocks[0].conv
     if not isinstance(conv, nn.ConvTranspose2d) or conv.groups != 1 or conv.dilation != (1, 1) \
-            or len(set(conv.kernel_size)) != 1 or len(set(conv.stride)) != 1 or len(set(conv.padding)) != 1 \
-            or len(set(conv.output_padding)) != 1:
+            or any(len(set(v)) != 1 for v in (conv.kernel_size, conv.stride, conv.padding, conv.output_padding)):
         return None
-    cin, cout, k = conv.in_channels, conv.out_channels, conv.kernel_size[0]
-    s, pad, opad = conv.stride[0], conv.padding[0], conv.output_padding[0]
-    out = s - 2 * pad + k + opad  # side of the map after the first block (input side 2)
-    hits = sum(1 for i in range(2) for o in range(out) if 0 <= o - s * i + pad < k) ** 2  # non-zero blocks
-    grouped = hits * cin * cout
-    fc = getattr(module, "fc", None)
+    return conv
+
+
+def plan_stem(module: nn.Module, threads: Optional[int] = None) -> Optional[tuple[str, int]]:
+    """`(kind, matrix entries)` of the stem `fast_decoder` builds for `module` with `threads` intra-op
+    threads (default: torch's now): "fused", "pixels" (1 thread) or "rows"; None where the size rule
+    says no (not an `UpsamplingDecoder` with a plain first ConvTranspose, or more than
+    `MAX_STEM_ELEMENTS` entries)."""
+    conv = _plain_conv(module)
+    if conv is None:
+        return None
+    threads = torch.get_num_threads() if threads is None else threads
+    tiling = "pixels" if threads <= 1 else "rows"
+    pieces, side = _pieces(conv, tiling)
+    cin, cout = conv.in_channels, conv.out_channels
+    grouped = sum(n * cin * (y1 - y0) * (x1 - x0) * cout for _, n, y0, y1, x0, x1 in pieces)
+    fc = module.fc
     if fc is not None:
-        fused = fc.in_features * out * out * cout
-        if fused <= grouped + fc.in_features * fc.out_features:
+        fused = fc.in_features * side * side * cout
+        if fused <= grouped + fc.in_features * fc.out_features:  # multiply-adds per sample
             return ("fused", fused) if fused <= MAX_STEM_ELEMENTS else None
-    return ("grouped", grouped) if grouped <= MAX_STEM_ELEMENTS else None
+    return (tiling, grouped) if grouped <= MAX_STEM_ELEMENTS else None
 
 
 @torch.no_grad()
-def build_stem(module: nn.Module) -> Optional[AffineStem]:
-    """The `AffineStem` of an eval-mode `UpsamplingDecoder`, or None where `plan_stem` says no."""
-    plan = plan_stem(module)
+def build_stem(module: nn.Module, threads: Optional[int] = None) -> Optional[AffineStem]:
+    """The `AffineStem` of an eval-mode `UpsamplingDecoder` (see `plan_stem`), or None."""
+    plan = plan_stem(module, threads)
     if plan is None:
         return None
     kind = plan[0]
@@ -161,18 +199,16 @@ def build_stem(module: nn.Module) -> Optional[AffineStem]:
             bias[q] += fb[:, p] @ w[:, :, ky, kx]
         pieces, weights, bias = [], [weight.reshape(fw.shape[2], -1)], bias.reshape(-1)
     else:
-        pieces, weights = [], []
-        for oy in range(side):
-            reads = [tuple(sorted(p for p in range(4) if (p, oy * side + ox) in taps)) for ox in range(side)]
-            for x0, x1 in _runs(reads):
-                ins = _window(reads[x0])
-                # rows (input pixel in window order, Cin), columns (output column, Cout)
-                blocks = [[w[:, :, taps[(p, oy * side + ox)][0], taps[(p, oy * side + ox)][1]]
-                           for ox in range(x0, x1)] for p in _SEQUENCE[ins[0]:ins[0] + ins[1]]]
-                weights.append(torch.cat([torch.cat(row, 1) for row in blocks], 0))
-                pieces.append((ins[0], ins[1], oy, x0, x1))
+        pieces, _ = _pieces(conv, kind)
+        weights = []
+        zero = torch.zeros(cin, cout, dtype=torch.float64, device=device)
+        for a, n, y0, y1, x0, x1 in pieces:
+            # rows (input pixel in window order, Cin), columns (output row, output column, Cout)
+            cols = [y * side + x for y in range(y0, y1) for x in range(x0, x1)]
+            weights.append(torch.cat([torch.cat([w[:, :, taps[(p, q)][0], taps[(p, q)][1]] if (p, q) in taps else zero
+                                                 for q in cols], 1) for p in _SEQUENCE[a:a + n]], 0))
     weights = [m.to(device, dtype).contiguous() for m in weights]
-    return AffineStem(kind, fc if kind == "grouped" else None, cin, cout, side, pieces, weights,
+    return AffineStem(kind, fc if kind != "fused" else None, cin, cout, side, pieces, weights,
                       bias.to(device, dtype)).to(device).eval()
 
 
@@ -195,10 +231,11 @@ def _window(pixels: tuple[int, ...]) -> tuple[int, int]:
     raise AssertionError(f"no window of {_SEQUENCE} holds pixels {pixels}")  # pragma: no cover - 2x2 maps
 
 
-def fast_decoder(module: nn.Module, channels_last: bool = True) -> nn.Module:
-    """`module` with its stem as matmuls (`FastDecoder`), or `module` itself where the size rule
-    says no (see the module docstring). For inference only: the stem's matrices are copies."""
+def fast_decoder(module: nn.Module, channels_last: bool = True, threads: Optional[int] = None) -> nn.Module:
+    """`module` with its stem as matmuls (`FastDecoder`), tiled for `threads` (default: torch's
+    intra-op threads now), or `module` itself where the size rule says no (module docstring).
+    For inference only: the stem's matrices are copies of the weights taken here."""
     if module.training:
         return module
-    stem = build_stem(module)
+    stem = build_stem(module, threads)
     return module if stem is None else FastDecoder(module, stem, channels_last).eval()

@@ -12,13 +12,13 @@ from d3codec.decode import fastpath
 from d3codec.decode.fastpath import FastDecoder, build_stem, fast_decoder, plan_stem
 from d3codec.models import build_decoder
 
-#: (family, hparams) covering both stem kinds: small -> fused (z of 8), medium with a wide z -> grouped
-#: after its Linear, large -> grouped straight from z.
+#: (family, hparams, fused) covering every stem kind: small -> fused (z of 8), medium with a wide z ->
+#: tiled after its Linear, large -> tiled straight from z; tilings "pixels" (1 thread) and "rows".
 CASES = {
-    "small": ({"width": 8, "latent_dim": 8}, "fused"),
-    "medium": ({"width": 16, "latent_dim": 256}, "grouped"),
-    "medium-narrow-z": ({"width": 16, "latent_dim": 8}, "fused"),
-    "large": ({"width": 16, "latent_dim": 64}, "grouped"),
+    "small": ({"width": 8, "latent_dim": 8}, True),
+    "medium": ({"width": 16, "latent_dim": 256}, False),
+    "medium-narrow-z": ({"width": 16, "latent_dim": 8}, True),
+    "large": ({"width": 16, "latent_dim": 64}, False),
 }
 
 
@@ -37,11 +37,14 @@ def _decoder(case: str, norm: str, size: int, seed: int = 0) -> torch.nn.Module:
     return m.eval()
 
 
-@pytest.mark.parametrize("case,norm,size", list(itertools.product(CASES, ("batch", "instance", "none"), (16, 12))))
-def test_fast_decoder_draws_the_plain_decoders_images_per_sample(case: str, norm: str, size: int) -> None:
+@pytest.mark.parametrize("case,norm,size,threads",
+                         list(itertools.product(CASES, ("batch", "instance", "none"), (16, 12), (1, 2))))
+def test_fast_decoder_draws_the_plain_decoders_images_per_sample(case: str, norm: str, size: int,
+                                                                  threads: int) -> None:
     m = _decoder(case, norm, size)
-    fast = fast_decoder(m)
-    assert isinstance(fast, FastDecoder) and fast.stem.kind == CASES[case][1]
+    fast = fast_decoder(m, threads=threads)
+    kind = "fused" if CASES[case][1] else ("pixels" if threads == 1 else "rows")
+    assert isinstance(fast, FastDecoder) and fast.stem.kind == kind
     z = torch.randn(9, m.latent_dim) * 2
     with torch.inference_mode():
         plain, batch = m(z), fast(z)
@@ -54,11 +57,12 @@ def test_fast_decoder_draws_the_plain_decoders_images_per_sample(case: str, norm
         assert torch.equal(fast(z), batch)  # deterministic
 
 
-def test_grouped_stem_is_the_transposed_conv_as_a_linear_map() -> None:
+@pytest.mark.parametrize("threads,blocks", [(1, 25), (2, 40)])
+def test_tiled_stem_is_the_transposed_conv_as_a_linear_map(threads: int, blocks: int) -> None:
     """On the identity basis (and zero, for the bias) the stem gives the conv's own outputs: the
-    matrices are the conv weights rearranged, the 39 zero blocks of the dense matrix left out."""
+    matrices are the conv weights rearranged, the dense matrix's 64 blocks never all stored."""
     m = _decoder("large", "none", 16)
-    stem = build_stem(m)
+    stem = build_stem(m, threads)
     conv = m.blocks[0].conv
     basis = torch.cat([torch.zeros(1, m.latent_dim), torch.eye(m.latent_dim)])
     with torch.inference_mode():
@@ -66,7 +70,7 @@ def test_grouped_stem_is_the_transposed_conv_as_a_linear_map() -> None:
         got = stem(basis)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
     cin, cout = conv.in_channels, conv.out_channels
-    assert sum(w.numel() for w in stem.weights) == 25 * cin * cout < 64 * cin * cout
+    assert sum(w.numel() for w in stem.weights) == blocks * cin * cout < 64 * cin * cout
 
 
 def test_channels_last_option_is_followed_after_the_stem() -> None:
@@ -75,6 +79,7 @@ def test_channels_last_option_is_followed_after_the_stem() -> None:
     with torch.inference_mode():
         contiguous = fast_decoder(m, channels_last=False)(z)
         cl = fast_decoder(m.to(memory_format=torch.channels_last), channels_last=True)(z)
+    assert contiguous.is_contiguous() and cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(contiguous, cl, atol=1e-5)
 
 
@@ -82,18 +87,20 @@ def test_size_rule_of_the_papers_decoders() -> None:
     hp = {"small": {"width": 256, "latent_dim": 64}, "medium": {"width": 512, "latent_dim": 2048},
           "large": {"width": 1024, "latent_dim": 4096}}
     with torch.device("meta"):
-        plans = {f: plan_stem(build_decoder(f, 1, {"channels": 3, "image_size": 64, **h})) for f, h in hp.items()}
-    assert plans == {"small": ("fused", 64 * 16 * 128),  # Linear composed in: 64 x (4 x 4 x 128)
-                     "medium": ("grouped", 25 * 512 * 256),  # composing 2048 x 4096 would cost more
-                     "large": ("grouped", 25 * 1024 * 512)}  # 50 MiB: 2.8x the conv's 9 taps, not 64 blocks
+        ms = {f: build_decoder(f, 1, {"channels": 3, "image_size": 64, **h}) for f, h in hp.items()}
+    assert {f: plan_stem(m, threads=1) for f, m in ms.items()} == {
+        "small": ("fused", 64 * 16 * 128),  # Linear composed in: 64 x (4 x 4 x 128)
+        "medium": ("pixels", 25 * 512 * 256),  # composing 2048 x 4096 would cost more
+        "large": ("pixels", 25 * 1024 * 512)}  # 50 MiB: 2.8x the conv's 9 taps, not the dense 64 blocks
+    assert plan_stem(ms["large"], threads=2) == ("rows", 40 * 1024 * 512)
 
 
 def test_over_the_size_cap_or_in_training_the_module_is_kept(monkeypatch) -> None:
     m = _decoder("large", "none", 16)
     monkeypatch.setattr(fastpath, "MAX_STEM_ELEMENTS", 25 * 16 * 8 - 1)
-    assert plan_stem(m) is None and fast_decoder(m) is m
+    assert plan_stem(m, threads=1) is None and fast_decoder(m, threads=1) is m
     monkeypatch.setattr(fastpath, "MAX_STEM_ELEMENTS", 25 * 16 * 8)
-    assert isinstance(fast_decoder(m), FastDecoder)
+    assert isinstance(fast_decoder(m, threads=1), FastDecoder) and fast_decoder(m, threads=2) is m
     assert fast_decoder(m.train()) is m
     assert fast_decoder(torch.nn.Linear(4, 4).eval()).__class__ is torch.nn.Linear
 
