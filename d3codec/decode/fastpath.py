@@ -13,7 +13,7 @@ that read windows of the input and write slices of the NHWC output in place:
 - "rows" (several threads): one GEMM per run of output rows that read the same input rows, zero
   blocks inside a row kept (3 GEMMs, 40 blocks for k3): fewer, larger GEMMs split better over
   threads and lose less when the cores are oversubscribed (every parallel region can cost a time
-  slice there: on the shared 2-core sandbox 12 small GEMMs at 2 threads took 160 ms, 3 took 84).
+  slice there: on the shared 2-core sandbox, 512 -> 256 at 2 threads: 12 GEMMs 160 ms, 3 GEMMs 84).
 
 When the stem has a Linear and composing it is cheaper (`small`: z of 64), Linear and conv become
 one dense `[B, z] @ [z, 16 Cout]` matmul ("fused"). Matrices are the stored weights rearranged
