@@ -201,7 +201,10 @@ def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int]
 @click.option("--quality", type=int, help="JPEG/WebP quality of the baseline (default 90).")
 @_data_options
 @click.option("--model", type=click.Choice(["convnet", "resnet18"]), default="convnet", show_default=True)
-@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--epochs", type=int, default=300, show_default=True,
+              help="Passes over the data (a .d3 file: every component's mean image and one draw, at least one batch).")
+@click.option("--steps", type=int, help="Train exactly N SGD steps instead of --epochs (equal compute for files "
+              "and baselines of any size).")
 @click.option("--runs", type=int, default=3, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
 @click.option("--batch", "batch_size", type=int, default=256, show_default=True)
@@ -212,15 +215,15 @@ def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int]
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train_spec: Optional[str],
              budget: Optional[str], quality: Optional[int], data_dir: Optional[str], resolution: Optional[int],
-             skip_bad_images: bool, cache_dir: Optional[str], model: str, epochs: int, runs: int, lr: float,
-             batch_size: int, no_augment: bool, seed: int, device: str, as_json: bool, quiet: bool) -> None:
+             skip_bad_images: bool, cache_dir: Optional[str], model: str, epochs: int, steps: Optional[int],
+             runs: int, lr: float, batch_size: int, no_augment: bool, seed: int, device: str, as_json: bool, quiet: bool) -> None:
     """Train fresh networks only on FILE (a .d3) and report final top-1 accuracy on the real
     test split (mean, std over runs) beside storage and compute; or, with --baseline, the same
     for random real images that fit in --budget bytes (uint8, PNG, JPEG or WebP)."""
     from d3codec.errors import ConfigError
     from d3codec.evaluate import Recipe, evaluate_baseline, evaluate_file, render, to_json
 
-    recipe = Recipe(model=model, epochs=epochs, runs=runs, lr=lr, batch_size=batch_size,
+    recipe = Recipe(model=model, epochs=epochs, steps=steps, runs=runs, lr=lr, batch_size=batch_size,
                     augment=not no_augment, seed=seed)
     recipe.validate()
     if baseline is None:
@@ -267,7 +270,7 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--dry-run", is_flag=True, help="Print the plan and byte breakdown, then stop.")
 @click.option("--weights-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
               help="Storage of decoder weights.")
-@click.option("--latent-dtype", type=click.Choice(["I8", "F16", "F32"]), default="F16", show_default=True,
+@click.option("--latent-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
               help="Storage of latent means and log-variances.")
 @click.option("--labels", type=click.Choice(["auto", "soft", "hard"]), default="auto", show_default=True)
 @click.option("--latents-per-class", type=int, help="K (default: planned).")

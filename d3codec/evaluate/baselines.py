@@ -105,18 +105,27 @@ def select_baseline(train: Any, budget_bytes: int, codec: str = "random", *, qua
 
 
 class TensorBatches:
-    """Shuffled batches of an in-memory image set, re-iterable per epoch (order from the seed)."""
+    """Shuffled batches of an in-memory image set, re-iterable per epoch (order from the seed).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
+    With `one_batch`, an epoch is a single batch: epoch e is batch e mod B of pass e // B over a
+    shuffled order (B batches per pass), so `steps` one-batch epochs train exactly `steps` steps."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 one_batch: bool = False) -> None:
         self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
+        self.one_batch = one_batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "order"))
+        per_pass = -(-len(self.labels) // self.batch_size)
+        epoch, only = (self.epoch // per_pass, self.epoch % per_pass) if self.one_batch else (self.epoch, None)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "order"))
         order = torch.randperm(len(self.labels), generator=g).to(self.labels.device)
-        for s in range(0, len(order), self.batch_size):
+        for b, s in enumerate(range(0, len(order), self.batch_size)):
+            if only is not None and b != only:
+                continue
             idx = order[s:s + self.batch_size]
             yield self.images[idx], self.labels[idx]

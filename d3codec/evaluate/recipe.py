@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ class Recipe:
     model: str = "convnet"
     epochs: int = 300
     runs: int = 3
+    steps: Optional[int] = None  # train for exactly this many SGD steps (an "epoch" is then one batch)
     lr: float = 0.01
     batch_size: int = 256
     augment: bool = True
@@ -38,13 +39,21 @@ class Recipe:
     def validate(self) -> None:
         if self.model not in MODELS:
             raise ConfigError(f"unknown --model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.epochs < 1 or self.runs < 1 or self.batch_size < 1:
-            raise ConfigError("--epochs, --runs and --batch must be at least 1")
+        if self.epochs < 1 or self.runs < 1 or self.batch_size < 1 or (self.steps is not None and self.steps < 1):
+            raise ConfigError("--epochs, --steps, --runs and --batch must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
 
+    @property
+    def schedule_epochs(self) -> int:
+        """Epochs the optimiser runs: `steps` one-batch epochs, or `epochs`."""
+        return self.steps if self.steps is not None else self.epochs
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.steps is not None:
+            d["epochs"] = self.steps
+            d["epoch"] = "one batch"
         d.update(optimizer="SGD momentum 0.9, weight decay 5e-4", lr_schedule="/10 at epoch epochs//2",
                  augmentation="DSA color_crop_cutout_flip_scale_rotate" if self.augment else "none",
                  reported="final accuracy after the last epoch (no selection on test data)")
@@ -122,7 +131,7 @@ def train_and_test(recipe: Recipe, run: int, batches: Union[Iterable[Any], Calla
                         torch.Generator().manual_seed(derive_seed(recipe.seed, run, "init"))).to(device)
     flops = forward_flops(model, image_shape)
     result = train_classifier(
-        model, batches, epochs=recipe.epochs, lr=recipe.lr, momentum=0.9, weight_decay=5e-4, lr_decay=True,
+        model, batches, epochs=recipe.schedule_epochs, lr=recipe.lr, momentum=0.9, weight_decay=5e-4, lr_decay=True,
         augment=default_augment() if recipe.augment else None,
         generator=lambda e: torch.Generator().manual_seed(derive_seed(recipe.seed, run, e, "augment")),
         progress=progress, desc=f"eval run {run + 1}/{recipe.runs}")

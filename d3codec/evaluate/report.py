@@ -28,7 +28,7 @@ def render(report: dict[str, Any]) -> str:
         f"{what} on {report['test']['name']} test split ({report['test']['images']:,} images"
         + (", held out of the source's training images" if report["test"].get("held_out") else "") + ")",
         f"  accuracy  {100 * acc['mean']:.2f}% +- {100 * acc['std']:.2f} (final, {rec['runs']} run(s) of "
-        f"{rec['model']}, {rec['epochs']} epochs)",
+        f"{rec['model']}, {rec['epochs']} {'steps' if rec.get('epoch') == 'one batch' else 'epochs'})",
         f"  storage   {sto['bytes']:,} bytes = {sto['ipc_float32']:.3g} ipc float32 = {sto['ipc_uint8']:.3g} ipc uint8"
         + (f"; {sto['images']:,} images ({sto['images_per_class_min']}-{sto['images_per_class_max']} per class)"
            if "images" in sto else ""),

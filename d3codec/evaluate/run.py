@@ -38,6 +38,8 @@ def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Un
 
     normalized = NormalizedTest(test, meta.mean, meta.std)
     results, flops = [], 0
+    if recipe.steps is not None:
+        epoch_size = recipe.batch_size  # one batch per "epoch"
     for run in range(recipe.runs):
         data = D3Dataset(d3, batch_size=recipe.batch_size, device=device, seed=recipe.seed + 1000 * run,
                          epoch_size=epoch_size)
@@ -78,7 +80,8 @@ def evaluate_baseline(codec: str, train: Any, test: Any, budget_bytes: int, reci
     normalized = NormalizedTest(test, train.mean, train.std)
     results, flops = [], 0
     for run in range(recipe.runs):
-        batches = TensorBatches(images, labels, recipe.batch_size, seed=recipe.seed + 1000 * run)
+        batches = TensorBatches(images, labels, recipe.batch_size, seed=recipe.seed + 1000 * run,
+                                one_batch=recipe.steps is not None)
         result, flops = train_and_test(recipe, run, batches, train.image_shape, train.num_classes, normalized,
                                        device, progress)
         results.append(result)

@@ -78,3 +78,19 @@ def test_file_and_test_set_must_match(tmp_path, digits_test):
         evaluate_file(path, digits_test, Recipe(epochs=1, runs=1))
     result = CliRunner().invoke(cli, ["eval", path, "--test", "digits", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 1 and "pass the dataset the file was made from" in result.output
+
+
+def test_steps_train_exactly_that_many_steps_for_files_and_baselines(tmp_path, digits_test):
+    from d3codec.evaluate import evaluate_baseline
+
+    path = _digits_file(str(tmp_path / "d.d3"), digits_test, soft=True)
+    recipe = Recipe(steps=7, runs=1, batch_size=16)
+    report = evaluate_file(path, digits_test, recipe)
+    assert report["compute"]["optimizer_steps_per_run"] == 7
+    assert report["compute"]["images_seen_per_run"] == 7 * 16
+    assert report["recipe"]["epochs"] == 7 and report["recipe"]["epoch"] == "one batch"
+    train = digits_test.other_split()
+    # 40 images in batches of 16: 3 batches a pass; 7 steps are 7 batches, not 7 passes.
+    base = evaluate_baseline("random", train, digits_test, 2560, recipe)
+    assert base["compute"]["optimizer_steps_per_run"] == 7
+    assert base["compute"]["images_seen_per_run"] == 16 + 16 + 8 + 16 + 16 + 8 + 16
