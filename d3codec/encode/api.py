@@ -38,7 +38,7 @@ class EncodeOptions:
     dry_run: bool = False
     quiet: bool = False
     weight_dtype: str = "I8"
-    latent_dtype: str = "F16"
+    latent_dtype: str = "I8"
     labels: str = "auto"                 # auto | soft | hard
     latents_per_class: Optional[int] = None
     latent_dim: Optional[int] = None

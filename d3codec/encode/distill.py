@@ -64,7 +64,7 @@ class DistillConfig:
     init: str = "real"               # "real": reconstruct K real images per class first; "random": no fit
     fit_steps: int = 1000            # reconstruction iterations before the objective (init="real")
     fit_lr: float = 3e-3             # Adam, cosine-decayed over the fit (latent means at 3x)
-    fit_noise: float = 0.3           # std of the latent noise while fitting; the priors' initial std
+    fit_noise: float = 0.1           # std of the latent noise while fitting; the priors' initial std
     fit_batch: int = 256             # targets per fit iteration
 
     def validate(self) -> None:

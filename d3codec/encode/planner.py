@@ -1,17 +1,18 @@
 """Budget planner: from a byte budget, the classes and the image shape, choose what the file holds.
 
-It picks the decoder (family and width), K latents per class, latent dimension D, the storage
+It picks the decoder (family and width), K latent components per class, latent dimension D, the storage
 dtype of every tensor and the label storage, so that the FINISHED file surely fits: the size is
 bounded with `format.io.size_upper_bound` on a placeholder file of exactly the planned names,
 dtypes, shapes, metadata and provenance (header, padding and checksum included), which no real
-values can exceed. Bytes go first to latents (a capped share), then labels (a capped share), and
-all the rest to the widest decoder that fits.
+values can exceed (tiny budgets: a compressed-size estimate, checked again before writing).
+A share of the bytes goes to components (latents with soft labels), the rest to the widest decoder
+that fits; then more components fill what the decoder's width steps leave.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -20,13 +21,14 @@ from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
 
 #: Decoder widths (channels of the first feature map) the planner tries, widest first.
-WIDTHS: tuple[int, ...] = (256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 36, 32, 28, 24, 20, 16, 12, 10, 8, 6, 4)
-#: Latent dimensions tried, largest first.
-LATENT_DIMS: tuple[int, ...] = (64, 32, 16, 8, 4, 2)
+WIDTHS: tuple[int, ...] = (512, 448, 384, 320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 36, 32, 28, 24, 20, 16, 12, 10, 8, 6, 4)
 #: Storage dtypes of decoder weights a user may force (`--weights-dtype`); the planner default is I8.
 WEIGHT_DTYPES = ("I8", "F16", "F32")
-#: Share of the budget latents and labels may take at most; the decoder gets the rest.
-LATENT_SHARE, LABEL_SHARE = 0.15, 0.05
+#: Share of the budget the components (latents and their labels) take by default; the decoder gets the rest.
+COMPONENT_SHARE = 0.3
+#: Most latent components per class the planner chooses.
+MAX_LATENTS_PER_CLASS = 500
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "I8": 1}
 #: Tensors smaller than this are stored as F16 even when weights are I8 (scales would cost more).
 MIN_QUANT_NUMEL = 64
 DECODER_FAMILY, DECODER_VERSION = "small", 1
@@ -217,39 +219,72 @@ def _section_bounds(d3: D3File) -> dict[str, int]:
     return {"priors": priors, "decoder": decoder, "labels": labels}
 
 
-def _label_choice(budget_bytes: int, n_comp: int, num_classes: int, wanted: str) -> LabelStorage:
-    """Dense U8 soft labels when they fit the label share, else the largest top-k that does, else hard."""
+def _label_choice_per_component(latent_dim: int, latent_dtype: str, num_classes: int, wanted: str) -> LabelStorage:
+    """Soft labels that cost at most half of a component's latents: dense U8 probabilities when
+    they do, else the largest top-k (at least 2) that does; `hard` when asked."""
     if wanted == "hard":
         return LabelStorage("hard")
-    cap = LABEL_SHARE * budget_bytes
-    if n_comp * num_classes <= cap:
+    cap = latent_dim * _DTYPE_BYTES[latent_dtype]  # half of mean + log-variance
+    if num_classes <= cap:
         return LabelStorage("dense", dtype="U8")
-    idx = 1 if num_classes <= 256 else 2
-    k = int(cap // (n_comp * (idx + 1)))
-    if k >= 2:
-        return LabelStorage("topk", k=min(k, num_classes - 1), dtype="U8")
-    if wanted == "soft":
-        return LabelStorage("topk", k=1, dtype="U8")
-    return LabelStorage("hard")
+    k = cap // (2 if num_classes <= 256 else 3)
+    return LabelStorage("topk", k=max(2, min(k, num_classes - 1)), dtype="U8")
 
 
-def default_latents_per_class(budget: Budget, num_classes: int, image_shape: Sequence[int]) -> int:
-    """K as in the paper's settings: the IPC-equivalent of the budget (1 at 1ipc, 10 at 10ipc), 1..100."""
+def default_latent_dim(image_shape: Sequence[int]) -> int:
+    """D from the image size: the power of two nearest sqrt(C*H*W) / 2, in 8..64 (16 for 28x28 grey,
+    32 for 32x32 RGB, 64 for 64x64 RGB): latents grow slower than pixels."""
     c, h, w = image_shape
-    ipc = budget.bytes / (num_classes * c * h * w * 4)
-    return int(min(100, max(1, round(ipc))))
+    target = math.sqrt(c * h * w) / 2
+    return int(min(64, max(8, 2 ** round(math.log2(max(target, 1.0))))))
+
+
+def default_latents_per_class(budget: Budget, num_classes: int, latent_dim: int, latent_dtype: str,
+                              label_bytes: int = 0) -> int:
+    """K: as many components as `COMPONENT_SHARE` of the budget holds (mean and log-variance of D
+    values each, plus its label), 1..`MAX_LATENTS_PER_CLASS`. More components, each a real image
+    the decoder learnt to draw, buy more accuracy than decoder width (measured: RESULTS.md)."""
+    per = 2 * latent_dim * _DTYPE_BYTES[latent_dtype] + label_bytes
+    return int(min(MAX_LATENTS_PER_CLASS, max(1, COMPONENT_SHARE * budget.bytes // (num_classes * per))))
+
+
+def _label_bytes(storage: LabelStorage, num_classes: int) -> int:
+    if storage.kind == "hard":
+        return 0
+    if storage.kind == "dense":
+        return num_classes
+    return storage.k * (2 if num_classes <= 256 else 3)
+
+
+def _widest(attempt: Callable[[int], Optional[Plan]], widths: Sequence[int]) -> Optional[Plan]:
+    """The plan of the widest width that fits (`widths` widest first; the file grows with width,
+    so a bisection finds it in a few tries)."""
+    last = attempt(widths[-1])
+    if last is None or len(widths) == 1:
+        return last
+    lo, hi, best = 0, len(widths) - 2, last  # find the smallest index that fits
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        plan = attempt(widths[mid])
+        if plan is not None:
+            best, hi = plan, mid - 1
+        else:
+            lo = mid + 1
+    return best
 
 
 def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequence[int]] = None,
                 provenance: Optional[dict[str, Any]] = None, latents_per_class: Optional[int] = None,
                 latent_dim: Optional[int] = None, width: Optional[int] = None, weight_dtype: str = "I8",
-                latent_dtype: str = "F16", labels: str = "auto", family: str = DECODER_FAMILY,
+                latent_dtype: str = "I8", labels: str = "auto", family: str = DECODER_FAMILY,
                 version: int = DECODER_VERSION, norm: str = "batch") -> Plan:
     """The plan that fits `budget`, or `BudgetError` naming the smallest budget that works.
 
     `classes` are the (global) class ids this file draws (default: all). Fixed choices
-    (`latents_per_class`, `latent_dim`, `width`) are honoured; the others are searched.
-    `provenance` must be the one the file will carry (it counts in the header).
+    (`latents_per_class`, `latent_dim`, `width`) are honoured; the others are searched: D from the
+    image size, K from `COMPONENT_SHARE` of the budget, the widest decoder in the rest, then K
+    raised to fill what the decoder's width steps leave. `provenance` must be the one the file
+    will carry (it counts in the header).
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -260,40 +295,59 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     classes = list(range(metadata.num_classes)) if classes is None else list(classes)
     provenance = dict(provenance or {})
     n = len(classes)
-    k = latents_per_class or default_latents_per_class(budget, n, metadata.image_shape)
-    lat_bytes = {"F32": 4, "F16": 2, "I8": 1}[latent_dtype]
-    dims = [latent_dim] if latent_dim else [d for d in LATENT_DIMS if 2 * n * k * d * lat_bytes <= LATENT_SHARE * budget.bytes] or [LATENT_DIMS[-1]]
+    d = latent_dim or default_latent_dim(metadata.image_shape)
     widths = [width] if width else list(WIDTHS)
     smallest: Optional[int] = None
-    chosen = _label_choice(budget.bytes, n * k, metadata.num_classes, labels)
-    fallback = [LabelStorage("hard")] if labels == "auto" and chosen.kind != "hard" else []
-    tries = [(d, lab) for lab in [chosen, *fallback] for d in dims[:1] + ([dims[-1]] if len(dims) > 1 else [])]
-    for d, lab in tries:
-        for wd in widths:
-            train_hp = decoder_hparams(metadata, wd, d, norm)
-            hp = file_hparams(family, version, train_hp)
-            if _decoder_bytes(family, version, hp, weight_dtype) > budget.bytes:
-                continue  # the decoder's tensors alone are over: no need to build the file
-            d3, params = _placeholder(metadata, family, version, hp, k, d, weight_dtype, latent_dtype, lab,
-                                      classes, provenance, budget)
-            spec = dict(metadata=metadata, family=family, version=version, hparams=hp, k=k, d=d,
-                        weight_dtype=weight_dtype, latent_dtype=latent_dtype, labels=lab, classes=classes,
-                        provenance=provenance)
-            bound, guaranteed = _fit_size(d3, budget, spec)
-            if bound <= budget.bytes:
-                parts = _section_bounds(d3)
-                parts["header etc"] = bound - sum(parts.values())
-                return Plan(family, version, hp, k, d, weight_dtype, latent_dtype, lab, budget, bound, parts, params,
-                            guaranteed, train_hp)
+
+    def attempt(k: int, wd: int, lab: LabelStorage) -> Optional[Plan]:
+        nonlocal smallest
+        train_hp = decoder_hparams(metadata, wd, d, norm)
+        hp = file_hparams(family, version, train_hp)
+        if _decoder_bytes(family, version, hp, weight_dtype) > budget.bytes:
+            return None  # the decoder's tensors alone are over: no need to build the file
+        d3, params = _placeholder(metadata, family, version, hp, k, d, weight_dtype, latent_dtype, lab,
+                                  classes, provenance, budget)
+        spec = dict(metadata=metadata, family=family, version=version, hparams=hp, k=k, d=d,
+                    weight_dtype=weight_dtype, latent_dtype=latent_dtype, labels=lab, classes=classes,
+                    provenance=provenance)
+        bound, guaranteed = _fit_size(d3, budget, spec)
+        if bound > budget.bytes:
             smallest = bound if smallest is None else min(smallest, bound)
+            return None
+        parts = _section_bounds(d3)
+        parts["header etc"] = bound - sum(parts.values())
+        return Plan(family, version, hp, k, d, weight_dtype, latent_dtype, lab, budget, bound, parts,
+                    params, guaranteed, train_hp)
+
+    soft = _label_choice_per_component(d, latent_dtype, metadata.num_classes, labels)
+    label_options = [soft] + ([LabelStorage("hard")] if labels == "auto" and soft.kind != "hard" else [])
+    for lab in label_options:  # soft labels at any width before hard ones
+        k0 = latents_per_class or default_latents_per_class(budget, n, d, latent_dtype,
+                                                            _label_bytes(lab, metadata.num_classes))
+        ks = [k0] if latents_per_class else sorted({max(1, k0 >> i) for i in range(12)}, reverse=True)
+        for k in ks:
+            plan = _widest(lambda wd: attempt(k, wd, lab), widths)
+            if plan is None:
+                continue
+            if latents_per_class is None:  # fill what the width step left with more components
+                wd = plan.hparams["width"]
+                lo, hi = k, MAX_LATENTS_PER_CLASS
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    bigger = attempt(mid, wd, lab)
+                    if bigger is not None:
+                        plan, lo = bigger, mid
+                    else:
+                        hi = mid - 1
+            return plan
     # Nothing fits: the smallest configuration gives the smallest budget that works.
-    hp = file_hparams(family, version, decoder_hparams(metadata, width or WIDTHS[-1], latent_dim or LATENT_DIMS[-1], norm))
+    hp = file_hparams(family, version, decoder_hparams(metadata, width or WIDTHS[-1], d, norm))
     lab = LabelStorage("hard") if labels != "soft" else LabelStorage("topk", k=1)
     need = 0
     for _ in range(4):  # the budget's own digits count in the header: iterate to a fixed point
         trial = replace(budget, bytes=need or budget.bytes)
         need = max(need, _estimate(metadata, family, version, hp, latents_per_class or 1,
-                                   latent_dim or LATENT_DIMS[-1], weight_dtype, latent_dtype, lab, classes,
+                                   d, weight_dtype, latent_dtype, lab, classes,
                                    provenance, trial))
     spec = f"{budget.spec} = " if budget.spec and budget.unit != "bytes" else ""
     raise BudgetError(f"budget {spec}{budget.bytes:,} bytes is too small: the smallest file that works here needs "

@@ -74,7 +74,7 @@ def test_more_budget_buys_a_wider_decoder_and_more_latents() -> None:
     small = plan_budget(metadata, parse_budget("1ipc", 10, (3, 32, 32)))
     large = plan_budget(metadata, parse_budget("10ipc", 10, (3, 32, 32)))
     assert large.num_params > small.num_params
-    assert (large.latents_per_class, small.latents_per_class) == (10, 1)
+    assert large.latents_per_class > small.latents_per_class > 1
     assert "plan: decoder" in small.summary() and "budget" in small.summary()
 
 
@@ -102,4 +102,6 @@ def test_fixed_choices_are_honoured() -> None:
     plan = plan_budget(metadata, parse_budget("2ipc", 10, (1, 28, 28)), latents_per_class=3, latent_dim=16, width=8,
                        labels="hard")
     assert (plan.latents_per_class, plan.latent_dim, plan.hparams["width"], plan.labels.kind) == (3, 16, 8, "hard")
+    free = plan_budget(metadata, parse_budget("2ipc", 10, (1, 28, 28)), latent_dim=16, width=8)
+    assert free.latents_per_class > 3 and free.labels.kind != "hard"  # components fill the bytes left
     assert math.isclose(plan.budget.ipc, 2.0)
