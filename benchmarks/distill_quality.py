@@ -1,13 +1,14 @@
 """Distillation quality: test accuracy of encoded files beside equal-bytes baselines, same run.
 
 Variants (ablations) encode the same dataset at the same budget with one change each:
-`default` (planner: int8 weights, fp16 latents, soft labels), `f16` / `f32` (decoder weights and
-latents stored in fp16 / fp32: fewer parameters fit), `hard` (hard labels). Every file and every
+`default` (planner: int8 weights and latents, soft labels, fit to real images first), `f16` / `f32`
+(decoder weights and latents stored in fp16 / fp32: fewer parameters and components fit), `hard`
+(hard labels), `random-init` (no reconstruction fit: the objective starts from random latents). Every file and every
 baseline is evaluated with the same recipe (`d3codec.evaluate`), and accuracies are also given as
 ratios to the uint8 random-real baseline measured in the same run.
 
     python benchmarks/distill_quality.py --dataset mnist --data-dir ../shared/data/mnist --budget 1ipc \
-        --variants default f16 f32 hard --baselines random png jpeg webp --epochs 300 --runs 1
+        --variants default f16 f32 hard random-init --baselines random png jpeg webp --steps 300 --runs 1
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ VARIANTS = {
     "f16": {"weight_dtype": "F16", "latent_dtype": "F16"},
     "f32": {"weight_dtype": "F32", "latent_dtype": "F32"},
     "hard": {"labels": "hard"},
+    "random-init": {"fit_steps": 0},
 }
 
 
@@ -34,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baselines", nargs="*", default=["random"], choices=["random", "png", "jpeg", "webp"])
     ap.add_argument("--iterations", type=int, help="distillation iterations (default: the CPU default)")
     ap.add_argument("--objective", default="auto")
+    ap.add_argument("--fit-steps", type=int, help="reconstruction iterations (default: the CPU default)")
     ap.add_argument("--epochs", type=int, default=300, help="evaluation epochs")
+    ap.add_argument("--steps", type=int, help="evaluation SGD steps (instead of --epochs; equal for files and baselines)")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     train = open_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
     test = open_dataset(args.dataset, data_dir=args.data_dir, split="test", cache_dir=args.cache_dir, progress=False)
-    recipe = Recipe(epochs=args.epochs, runs=args.runs, seed=args.seed)
+    recipe = Recipe(epochs=args.epochs, steps=args.steps, runs=args.runs, seed=args.seed)
     nbytes = parse_budget(args.budget, train.num_classes, train.image_shape).bytes
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="d3quality")
     rows = []
@@ -64,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
                      "encode_s": 0.0, "eval_s": time.perf_counter() - t0})
     for name in args.variants:
         path = os.path.join(out_dir, f"{args.dataset}-{args.budget}-{name}.d3")
+        variant = dict(VARIANTS[name])
+        variant.setdefault("fit_steps", args.fit_steps)
         opts = EncodeOptions(objective=args.objective, iterations=args.iterations, seed=args.seed,
-                             cache_dir=args.cache_dir, quiet=True, **VARIANTS[name])
+                             cache_dir=args.cache_dir, quiet=True, **variant)
         t0 = time.perf_counter()
         d3 = encode(train, args.budget, path, opts)
         t1 = time.perf_counter()
@@ -80,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"{args.dataset} at {args.budget} = {nbytes:,} bytes; eval: {args.epochs} epochs x {args.runs} run(s)")
+    length = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
+    print(f"{args.dataset} at {args.budget} = {nbytes:,} bytes; eval: {length} x {args.runs} run(s)")
     print(f"{'what':18} {'accuracy':>9} {'x uint8':>8} {'bytes':>8} {'encode s':>9}")
     for r in rows:
         ratio = f"{r['vs_uint8']:.3f}" if r["vs_uint8"] else "-"

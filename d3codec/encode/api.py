@@ -113,7 +113,8 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     prov = _provenance(options, cfg, classes, dataset, experts)
     plan = plan_budget(metadata, b, provenance=prov, latents_per_class=options.latents_per_class,
                        latent_dim=options.latent_dim, width=options.width, weight_dtype=options.weight_dtype,
-                       latent_dtype=options.latent_dtype, labels=options.labels)
+                       latent_dtype=options.latent_dtype, labels=options.labels,
+                       constant_logvar=not cfg.learn_logvar)
     return plan, cfg, real, prov
 
 

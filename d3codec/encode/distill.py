@@ -66,6 +66,8 @@ class DistillConfig:
     fit_lr: float = 3e-3             # Adam, cosine-decayed over the fit (latent means at 3x)
     fit_noise: float = 0.1           # std of the latent noise while fitting; the priors' initial std
     fit_batch: int = 256             # targets per fit iteration
+    learn_logvar: bool = True        # False: every log-variance stays at its initial value (they then
+                                     # compress away and the planner spends the bytes on components)
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -99,7 +101,7 @@ class DistillConfig:
 
 def cpu_defaults(objective: str = "mmd") -> DistillConfig:
     """Settings that finish in minutes on a 2-core CPU (the `mmd` objective is the cheap one)."""
-    return DistillConfig(objective=objective, iterations=400, samples_per_class=24, real_per_class=24,
+    return DistillConfig(objective=objective, iterations=400, samples_per_class=24, real_per_class=24, learn_logvar=False,
                          syn_steps=10, unroll_batch=50, lr_latents=3e-3, lr_decoder=2e-3, lr_lr=1e-6,
                          init_lr=1e-2, final_fraction=0.15, calibration_samples=2048)
 
@@ -128,7 +130,7 @@ class Distiller:
         _init_module(self.decoder, self.generator)
         self.decoder.to(self.device)
         self.mean = nn.Parameter(torch.randn(n, k, d, generator=self.generator).to(self.device))
-        self.logvar = nn.Parameter(torch.zeros(n, k, d, device=self.device))
+        self.logvar = nn.Parameter(torch.zeros(n, k, d, device=self.device), requires_grad=config.learn_logvar)
         self.syn_lr = nn.Parameter(torch.tensor(config.init_lr, device=self.device))
         self.opt_latents = torch.optim.SGD([self.mean, self.logvar], lr=config.lr_latents, momentum=0.5)
         self.opt_decoder = torch.optim.Adam(self.decoder.parameters(), lr=config.lr_decoder, weight_decay=1e-5)

@@ -176,17 +176,20 @@ def _decoder_bytes(family: str, version: int, hparams: dict[str, Any], weight_dt
 
 def _estimate(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
               weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
-              provenance: dict[str, Any], budget: Budget) -> int:
+              provenance: dict[str, Any], budget: Budget, constant_logvar: bool = False) -> int:
     """Size estimate for budgets the strict bound cannot serve: every tensor value counted raw (no
     compression credit: trained values may not compress), only the value-independent parts (JSON
     header, safetensors headers) compressed, as measured on an all-zero placeholder; plus the
     widest JSON form of every quantisation scale and zero point, per-section zstd overhead and a
-    1% + 64 byte margin."""
+    1% + 64 byte margin. With `constant_logvar` (the encoder keeps every log-variance at one value)
+    the log-variances count as compressed."""
     from d3codec.format.io import encoded_size
 
     d3, _ = _placeholder(metadata, family, version, hparams, k, d, weight_dtype, latent_dtype, labels, classes,
                          provenance, budget, zeros=True)
-    stored = [*d3.decoders[0].weights.values(), d3.priors.mean, d3.priors.logvar,
+    # A log-variance the encoder never trains is one value repeated: it compresses like the zeros.
+    logvar = [] if constant_logvar else [d3.priors.logvar]
+    stored = [*d3.decoders[0].weights.values(), d3.priors.mean, *logvar,
               *(s for s in (d3.labels.probs, d3.labels.indices, d3.labels.values) if s is not None)]
     payload = sum(s.nbytes for s in stored)
     slack = sum(18 * len(s.scale or ()) + 4 * len(s.zero_point or ()) for s in stored)
@@ -200,7 +203,8 @@ def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bo
     """(size, guaranteed): the strict shape-only bound when it fits, else the compressed estimate.
 
     Tiny files are dominated by per-tensor headers, which zstd shrinks but the strict bound counts
-    raw; there the estimate decides, and `encode` checks the real size before writing.
+    raw (and a constant log-variance compresses away); there the estimate decides, and `encode`
+    checks the real size before writing.
     """
     from d3codec.format.io import size_upper_bound
 
@@ -277,14 +281,15 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
                 provenance: Optional[dict[str, Any]] = None, latents_per_class: Optional[int] = None,
                 latent_dim: Optional[int] = None, width: Optional[int] = None, weight_dtype: str = "I8",
                 latent_dtype: str = "I8", labels: str = "auto", family: str = DECODER_FAMILY,
-                version: int = DECODER_VERSION, norm: str = "batch") -> Plan:
+                version: int = DECODER_VERSION, norm: str = "batch", constant_logvar: bool = False) -> Plan:
     """The plan that fits `budget`, or `BudgetError` naming the smallest budget that works.
 
     `classes` are the (global) class ids this file draws (default: all). Fixed choices
     (`latents_per_class`, `latent_dim`, `width`) are honoured; the others are searched: D from the
     image size, K from `COMPONENT_SHARE` of the budget, the widest decoder in the rest, then K
     raised to fill what the decoder's width steps leave. `provenance` must be the one the file
-    will carry (it counts in the header).
+    will carry (it counts in the header). `constant_logvar`: the encoder stores one log-variance
+    value throughout (it does not train them), so they take almost no bytes.
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -309,12 +314,14 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
                                   classes, provenance, budget)
         spec = dict(metadata=metadata, family=family, version=version, hparams=hp, k=k, d=d,
                     weight_dtype=weight_dtype, latent_dtype=latent_dtype, labels=lab, classes=classes,
-                    provenance=provenance)
+                    provenance=provenance, constant_logvar=constant_logvar)
         bound, guaranteed = _fit_size(d3, budget, spec)
         if bound > budget.bytes:
             smallest = bound if smallest is None else min(smallest, bound)
             return None
         parts = _section_bounds(d3)
+        if constant_logvar and not guaranteed:
+            parts["priors"] -= d3.priors.logvar.nbytes  # one repeated value: compressed away
         parts["header etc"] = bound - sum(parts.values())
         return Plan(family, version, hp, k, d, weight_dtype, latent_dtype, lab, budget, bound, parts,
                     params, guaranteed, train_hp)

@@ -58,3 +58,23 @@ def test_fit_settings_are_checked() -> None:
         DistillConfig(init="gan").validate()
     with pytest.raises(ConfigError, match="fit_noise"):
         DistillConfig(fit_noise=0.0).validate()
+
+
+def test_cpu_objective_keeps_the_log_variances_at_one_value(tmp_path) -> None:
+    """On CPU the objective does not train log-variances, so the file's stay one repeated value
+    (the planner counts them as compressed: a file that trained them could overrun the budget)."""
+    cache = str(tmp_path / "cache")
+    digits = open_dataset("digits", cache_dir=cache, progress=False)
+    options = EncodeOptions(latents_per_class=2, latent_dim=8, iterations=3, fit_steps=3, cache_dir=cache, quiet=True,
+                            overrides={"calibration_samples": 100, "samples_per_class": 4, "real_per_class": 4})
+    plan, cfg, real, _ = plan_for(digits, "4ipc", options)
+    assert cfg.learn_logvar is False
+    experts = ensure_experts(digits, num_experts=1, epochs=1, seed=0, cache_dir=cache, progress=False)
+    distiller = Distiller(plan, real.metadata(), real, experts, cfg)
+    mean_before = None
+    for i in range(cfg.total_iterations):
+        distiller.step()
+        if i == cfg.fit_iterations - 1:
+            mean_before = distiller.mean.detach().clone()
+    assert not torch.equal(mean_before, distiller.mean.detach())  # the objective did train the means
+    assert torch.all(distiller.logvar == 2 * math.log(cfg.fit_noise))

@@ -22,7 +22,7 @@ def _metadata(num_classes: int, shape: tuple[int, int, int]) -> Metadata:
                     image_shape=shape, mean=(0.4812,) * c, std=(0.2467,) * c, fingerprint="0123456789abcdef" * 2)
 
 
-def _finished_file(plan, metadata: Metadata, provenance: dict, seed: int) -> D3File:
+def _finished_file(plan, metadata: Metadata, provenance: dict, seed: int, constant_logvar: bool = False) -> D3File:
     """What `encode` would write for `plan`: trained-like (Gaussian) values in the planned layout."""
     g = torch.Generator().manual_seed(seed)
     shapes = decoder_shapes(plan.family, plan.version, plan.hparams)
@@ -31,8 +31,9 @@ def _finished_file(plan, metadata: Metadata, provenance: dict, seed: int) -> D3F
     n, k, d = metadata.num_classes, plan.latents_per_class, plan.latent_dim
     probs = torch.softmax(4 * torch.randn(n, k, n, generator=g), dim=-1)
     return D3File(metadata=metadata,
-                  priors=store_priors(torch.randn(n, k, d, generator=g), torch.randn(n, k, d, generator=g) - 2,
-                                      plan.latent_dtype),
+                  priors=store_priors(torch.randn(n, k, d, generator=g),
+                                      torch.full((n, k, d), 2 * math.log(0.1)) if constant_logvar
+                                      else torch.randn(n, k, d, generator=g) - 2, plan.latent_dtype),
                   decoders=[DecoderEntry(plan.family, plan.version, plan.hparams, list(range(n)),
                                          store_decoder_state(state, plan.weight_dtype))],
                   labels=store_labels(probs, plan.labels), budget=plan.budget, provenance=provenance)
@@ -41,21 +42,22 @@ def _finished_file(plan, metadata: Metadata, provenance: dict, seed: int) -> D3F
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(num_classes=st.integers(2, 20), channels=st.sampled_from([1, 3]), size=st.sampled_from([8, 16, 28, 32]),
        ipc=st.sampled_from(["0.5ipc", "1ipc", "2ipc", "10ipc", "1ipc-u8", "50KB", "200000"]),
-       weight_dtype=st.sampled_from(["I8", "F16"]), seed=st.integers(0, 10**6))
+       weight_dtype=st.sampled_from(["I8", "F16"]), constant_logvar=st.booleans(), seed=st.integers(0, 10**6))
 def test_planned_files_never_exceed_the_budget(num_classes: int, channels: int, size: int, ipc: str,
-                                               weight_dtype: str, seed: int) -> None:
+                                               weight_dtype: str, constant_logvar: bool, seed: int) -> None:
     metadata = _metadata(num_classes, (channels, size, size))
     budget = parse_budget(ipc, num_classes, metadata.image_shape)
     assume(budget.bytes <= 400_000)  # keeps compressing the check file fast
     provenance = {"encoder": "d3codec test", "seed": seed, "objective": "mmd", "iterations": 400}
     try:
-        plan = plan_budget(metadata, budget, provenance=provenance, weight_dtype=weight_dtype)
+        plan = plan_budget(metadata, budget, provenance=provenance, weight_dtype=weight_dtype,
+                           constant_logvar=constant_logvar)
     except BudgetError as exc:
         need = int(str(exc).split("at least ")[1].split(" ")[0].replace(",", ""))
         assert need > budget.bytes
         return
     assert plan.bound <= budget.bytes
-    assert encoded_size(_finished_file(plan, metadata, provenance, seed)) <= budget.bytes
+    assert encoded_size(_finished_file(plan, metadata, provenance, seed, constant_logvar)) <= budget.bytes
 
 
 def test_impossible_budget_names_a_budget_that_works() -> None:
