@@ -1,19 +1,31 @@
-"""Federated scaling: wall time of `--subtasks K` (K = 1, 2, 4) on a fixed small dataset, run
-serially (one process) and with 2 local processes (`--nproc 2`), and the speed-up of the latter.
+"""Federated scaling: wall time of `--subtasks K` (K = 1, 2, 4) on a fixed small dataset, serial
+against 2 local processes (`--nproc 2`), and the speed-up of the latter.
 
-Each configuration runs from a fresh cache (experts and teacher trained inside the timing), at
-fixed tiny settings, and the serial and 2-process files are checked to be byte-identical. Figures
-are ratios against the serial run of the same K, measured in the same run.
+Three runs per K, each from a fresh cache (experts and teacher trained inside the timing):
+- serial, 1 thread: the federated serial run as users get it (every federated process computes
+  with one intra-op thread); the 2-process file must equal it byte for byte;
+- serial, N threads (`--serial-threads`, default 2): the same run in one process with N intra-op
+  threads, i.e. the same total thread count as 2 processes x 1 thread (its bytes differ: thread
+  count changes float sums, which is why federated runs pin one thread);
+- 2 processes x 1 thread. With more processes than subtasks (K = 1) the second process trains
+  half of the subtask's experts (and the teacher), so `--experts 2` lets K = 1 gain too.
+Figures are ratios against the serial runs of the same K, measured in the same invocation.
+The spawned processes import d3codec afresh: in a working tree others edit, run from a frozen copy
+(`git archive HEAD | tar -x -C SNAP; PYTHONPATH=SNAP python SNAP/benchmarks/...`) or the 2-process
+runs may use newer code than the serial ones (different bytes, different times).
 
-    python benchmarks/federated_scaling.py [--classes 16 --per-class 40 --size 16 --iterations 20]
+    python benchmarks/federated_scaling.py [--classes 16 --per-class 250 --size 16 --iterations 60
+                                            --experts 2 --expert-epochs 3 --subtasks 1,2,4]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -28,18 +40,44 @@ def _dataset(path: str, classes: int, per_class: int, size: int) -> str:
     return path
 
 
-def _run(npz: str, root: str, subtasks: int, nproc: int, iterations: int) -> tuple[float, bytes]:
+@contextlib.contextmanager
+def _pinned_threads(n: int) -> Iterator[None]:
+    """Make the federated code's one-thread pin (`single_thread`) pin `n` threads instead, in this
+    process only (spawned processes are unaffected): the serial baseline at n threads."""
+    import torch
+
+    from d3codec.encode import federated, merge
+
+    @contextlib.contextmanager
+    def threads() -> Iterator[None]:
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    saved = federated.single_thread, merge.single_thread
+    federated.single_thread = merge.single_thread = threads
+    try:
+        yield
+    finally:
+        federated.single_thread, merge.single_thread = saved
+
+
+def _run(npz: str, root: str, name: str, subtasks: int, nproc: int, args: argparse.Namespace) -> tuple[float, bytes]:
     from d3codec.encode.api import EncodeOptions
     from d3codec.encode.federated import encode_federated
     from d3codec.encode.merge import DataSpec
 
-    cache = os.path.join(root, f"cache-k{subtasks}-p{nproc}")
+    cache = os.path.join(root, f"cache-k{subtasks}-{name}")
     data = DataSpec.of(npz, cache_dir=cache)
     data.open("train")  # build the data cache outside the timing
-    out = os.path.join(root, f"k{subtasks}-p{nproc}.d3")
-    options = EncodeOptions(iterations=iterations, num_experts=1, expert_epochs=2, quiet=True)
+    out = os.path.join(root, f"k{subtasks}-{name}.d3")
+    options = EncodeOptions(iterations=args.iterations, num_experts=args.experts, expert_epochs=args.expert_epochs,
+                            cache_dir=cache, quiet=True)
     start = time.perf_counter()
-    encode_federated(data, "10ipc", out, options, subtasks=subtasks, nproc=nproc)
+    encode_federated(data, args.budget, out, options, subtasks=subtasks, nproc=nproc)
     wall = time.perf_counter() - start
     with open(out, "rb") as f:
         return wall, f.read()
@@ -48,20 +86,32 @@ def _run(npz: str, root: str, subtasks: int, nproc: int, iterations: int) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=16)
-    ap.add_argument("--per-class", type=int, default=40)
+    ap.add_argument("--per-class", type=int, default=250)
     ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--budget", default="10ipc")
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--experts", type=int, default=2, help="experts per subtask")
+    ap.add_argument("--expert-epochs", type=int, default=3)
+    ap.add_argument("--serial-threads", type=int, default=2, help="threads of the second serial baseline (0: skip it)")
     ap.add_argument("--subtasks", default="1,2,4")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:
         npz = _dataset(os.path.join(root, "data.npz"), args.classes, args.per_class, args.size)
-        print(f"dataset: {args.classes} classes x {args.per_class} images, {args.size}x{args.size} RGB; budget 10ipc; "
-              f"{args.iterations} iterations, 1 expert x 2 epochs per subtask; {os.cpu_count()} CPUs")
-        print(f"{'K':>3} {'serial s':>9} {'2 proc s':>9} {'speed-up':>9}  identical")
+        t = args.serial_threads
+        print(f"dataset: {args.classes} classes x {args.per_class} images, {args.size}x{args.size} RGB; budget "
+              f"{args.budget}; {args.iterations} iterations, {args.experts} experts x {args.expert_epochs} epochs "
+              f"per subtask; {os.cpu_count()} CPUs; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        print(f"{'K':>3} {'serial 1t':>10} {f'serial {t}t':>10} {'2 proc':>8} {'vs 1t':>7} {f'vs {t}t':>7}  identical")
         for k in (int(v) for v in args.subtasks.split(",")):
-            serial, a = _run(npz, root, k, 1, args.iterations)
-            parallel, b = _run(npz, root, k, 2, args.iterations)
-            print(f"{k:>3} {serial:>9.1f} {parallel:>9.1f} {serial / parallel:>8.2f}x  {a == b}", flush=True)
+            serial, a = _run(npz, root, "serial", k, 1, args)
+            serial_t = float("nan")
+            if t > 0:
+                with _pinned_threads(t):
+                    serial_t, _ = _run(npz, root, f"serial{t}t", k, 1, args)
+            parallel, b = _run(npz, root, "nproc2", k, 2, args)
+            print(f"{k:>3} {serial:>9.1f}s {serial_t:>9.1f}s {parallel:>7.1f}s {serial / parallel:>6.2f}x "
+                  f"{serial_t / parallel:>6.2f}x  {a == b}", flush=True)
+        print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
