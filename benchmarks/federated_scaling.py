@@ -101,7 +101,8 @@ def main() -> None:
         print(f"dataset: {args.classes} classes x {args.per_class} images, {args.size}x{args.size} RGB; budget "
               f"{args.budget}; {args.iterations} iterations, {args.experts} experts x {args.expert_epochs} epochs "
               f"per subtask; {os.cpu_count()} CPUs; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-        print(f"{'K':>3} {'serial 1t':>10} {f'serial {t}t':>10} {'2 proc':>8} {'vs 1t':>7} {f'vs {t}t':>7}  identical")
+        extra = (f" {f'serial {t}t':>10}", f" {f'vs {t}t':>7}") if t > 0 else ("", "")
+        print(f"{'K':>3} {'serial 1t':>10}{extra[0]} {'2 proc':>8} {'vs 1t':>7}{extra[1]}  identical")
         for k in (int(v) for v in args.subtasks.split(",")):
             serial, a = _run(npz, root, "serial", k, 1, args)
             serial_t = float("nan")
@@ -109,8 +110,9 @@ def main() -> None:
                 with _pinned_threads(t):
                     serial_t, _ = _run(npz, root, f"serial{t}t", k, 1, args)
             parallel, b = _run(npz, root, "nproc2", k, 2, args)
-            print(f"{k:>3} {serial:>9.1f}s {serial_t:>9.1f}s {parallel:>7.1f}s {serial / parallel:>6.2f}x "
-                  f"{serial_t / parallel:>6.2f}x  {a == b}", flush=True)
+            cols = (f" {serial_t:>9.1f}s", f" {serial_t / parallel:>6.2f}x") if t > 0 else ("", "")
+            print(f"{k:>3} {serial:>9.1f}s{cols[0]} {parallel:>7.1f}s {serial / parallel:>6.2f}x{cols[1]}  {a == b}",
+                  flush=True)
         print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
