@@ -259,9 +259,9 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--objective", type=click.Choice(["auto", "mtt+mmd", "mmd", "mtt"]), default="auto", show_default=True,
               help="auto: mtt+mmd (the paper's) on CUDA, mmd on CPU.")
 @click.option("--iterations", type=int, help="Distillation iterations of the objective, after the fit "
-              "(default: 10000 on CUDA, 400 on CPU).")
+              "(default: 10000 on CUDA, 100 on CPU).")
 @click.option("--fit-steps", type=int, help="Iterations fitting decoder and latent means to K real images per "
-              "class before the objective (0: start from random latents; default: planned for the device).")
+              "class before the objective (0: start from random latents, as the paper).  [default: 1000]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--classes", help="Distil a class subset (subtask), e.g. 0-4 or 0,3,7.")

@@ -101,7 +101,7 @@ class DistillConfig:
 
 def cpu_defaults(objective: str = "mmd") -> DistillConfig:
     """Settings that finish in minutes on a 2-core CPU (the `mmd` objective is the cheap one)."""
-    return DistillConfig(objective=objective, iterations=400, samples_per_class=24, real_per_class=24, learn_logvar=False,
+    return DistillConfig(objective=objective, iterations=100, samples_per_class=24, real_per_class=24, learn_logvar=False,
                          syn_steps=10, unroll_batch=50, lr_latents=3e-3, lr_decoder=2e-3, lr_lr=1e-6,
                          init_lr=1e-2, final_fraction=0.15, calibration_samples=2048)
 
