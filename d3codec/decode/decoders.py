@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -263,6 +263,15 @@ def mean_images(d3: D3File, device: Union[str, torch.device] = "cpu", *, space: 
     `space`: "pixels" ([0, 1]), "normalized" (the file's training normalisation) or "values"
     (raw decoder output).
     """
+    n, k = d3.priors.num_classes, d3.priors.latents_per_class
+    values = torch.cat(list(mean_image_batches(d3, device, space=space, batch_size=batch_size)))
+    return values.view(n, k, *values.shape[1:])
+
+
+def mean_image_batches(d3: D3File, device: Union[str, torch.device] = "cpu", *, space: str = "pixels",
+                       batch_size: int = 1024) -> Iterator[torch.Tensor]:
+    """The mean images of `mean_images`, `batch_size` at a time in component order (class-major):
+    memory bounded by one batch whatever the component count."""
     from d3codec.decode.sampling import PriorTensors
 
     if space not in ("pixels", "normalized", "values"):
@@ -272,9 +281,7 @@ def mean_images(d3: D3File, device: Union[str, torch.device] = "cpu", *, space: 
     classes = torch.arange(n, device=device).repeat_interleave(k)
     comps = torch.arange(k, device=device).repeat(n)
     render = Renderer(d3, device)
-    chunks = [render(pt.sample(classes[s:s + batch_size], comps[s:s + batch_size]), classes[s:s + batch_size])
-              for s in range(0, n * k, batch_size)]
-    values = torch.cat(chunks)
-    if space != "values":
-        values = OutputSpace(d3.metadata, denormalize=space == "pixels", device=device)(values)
-    return values.view(n, k, *values.shape[1:])
+    output = None if space == "values" else OutputSpace(d3.metadata, denormalize=space == "pixels", device=device)
+    for s in range(0, n * k, batch_size):
+        values = render(pt.sample(classes[s:s + batch_size], comps[s:s + batch_size]), classes[s:s + batch_size])
+        yield values if output is None else output(values)

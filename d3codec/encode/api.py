@@ -15,7 +15,7 @@ import torch
 
 from d3codec._version import __version__
 from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults
-from d3codec.encode.labels import LabelStorage, store_labels, teacher_probs
+from d3codec.encode.labels import LabelStorage, store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry
@@ -95,6 +95,14 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
     return prov
 
 
+def _smallest_class(real: Any) -> int:
+    """Images in the smallest class of `real` (K above it would only repeat real images)."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(real.labels, dtype=np.int64), minlength=len(real.classes))
+    return max(1, int(counts.min()))
+
+
 def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions
              ) -> tuple[Plan, DistillConfig, Any, dict[str, Any]]:
     """Resolve classes, budget and settings: the plan, the loop config, the class view, the provenance."""
@@ -114,7 +122,7 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     plan = plan_budget(metadata, b, provenance=prov, latents_per_class=options.latents_per_class,
                        latent_dim=options.latent_dim, width=options.width, weight_dtype=options.weight_dtype,
                        latent_dtype=options.latent_dtype, labels=options.labels,
-                       constant_logvar=not cfg.learn_logvar)
+                       constant_logvar=not cfg.learn_logvar, max_latents_per_class=_smallest_class(real))
     return plan, cfg, real, prov
 
 
@@ -174,11 +182,13 @@ def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance
     """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes."""
     from d3codec.models.registry import export_state
 
-    mean_images = distiller.mean_images()
     labels = store_labels(torch.zeros(0), plan.labels) if plan.labels.kind == "hard" else None
     if labels is None:
         teacher = experts.teacher(device=device)
-        labels = store_labels(teacher_probs(teacher, mean_images).cpu(), plan.labels)
+        n, k = distiller.mean.shape[:2]
+        labels = store_labels(teacher_probs_of_batches(teacher, distiller.mean_image_batches(), n, k), plan.labels)
+    else:
+        distiller.freeze_if_needed()
     state = export_state(distiller.decoder)  # frozen: the folded, stored-form decoder
     weights = store_decoder_state({k: v.detach().cpu() for k, v in state.items()}, plan.weight_dtype)
     classes = list(range(len(real.classes)))

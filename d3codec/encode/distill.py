@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -423,13 +423,25 @@ class Distiller:
         return (("opt_latents", self.opt_latents), ("opt_decoder", self.opt_decoder), ("opt_lr", self.opt_lr),
                 ("opt_fit", self.opt_fit))
 
+    def freeze_if_needed(self) -> None:
+        """Freeze (calibrate and fold BatchNorm) unless the loop already did: the stored form."""
+        if not self.frozen:
+            self.freeze()
+
     @torch.no_grad()
     def mean_images(self) -> torch.Tensor:
         """Each component's mean image [N, K, C, H, W] (eval mode, normalised space)."""
-        if not self.frozen:
-            self.freeze()
+        n, k = self.mean.shape[:2]
+        return torch.cat(list(self.mean_image_batches())).reshape(n, k, *self.metadata.image_shape)
+
+    @torch.no_grad()
+    def mean_image_batches(self, batch_size: int = 512) -> Iterator[torch.Tensor]:
+        """The mean images `batch_size` at a time, class-major: memory of one batch for any K."""
+        self.freeze_if_needed()
         n, k, d = self.mean.shape
-        return self.decode(self.mean.reshape(n * k, d)).reshape(n, k, *self.metadata.image_shape)
+        flat = self.mean.reshape(n * k, d)
+        for s in range(0, n * k, batch_size):
+            yield self.decode(flat[s:s + batch_size])
 
 
 def _fake_quant(w: torch.Tensor, weight_dtype: str) -> torch.Tensor:

@@ -222,7 +222,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     # K, D and label storage of the merged file: what the single-task plan of all classes picks.
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
-                        labels=options.labels)
+                        labels=options.labels, max_latents_per_class=max(1, int(counts.min())))
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
                                                    "seed": derive_seed(options.seed, "federated-teacher")}
@@ -301,8 +301,10 @@ def _merged_breakdown(d3: D3File, bound: int) -> dict[str, int]:
     decoders = sum(s.nbytes for dec in d3.decoders for s in dec.weights.values())
     lab = d3.labels
     labels = sum(s.nbytes for s in (lab.probs, lab.indices, lab.values) if s is not None)
+    rest = bound - priors - decoders - labels
+    # Raw tensor bytes against a compressed estimate: a negative rest is what compression saves.
     return {"priors": priors, "decoders": decoders, "labels": labels,
-            "header etc": bound - priors - decoders - labels}
+            ("header etc" if rest >= 0 else "compression saves"): rest}
 
 
 # ---------------------------------------------------------------- sharing a subtask's experts

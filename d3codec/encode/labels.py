@@ -8,7 +8,7 @@ over the other classes when read, see `format.types.Labels`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -76,5 +76,13 @@ def teacher_probs(teacher: Callable[[torch.Tensor], torch.Tensor], mean_images: 
     """Softmax (temperature 1) of `teacher` logits on `mean_images` [N, K, C, H, W] -> [N, K, classes]."""
     n, k = mean_images.shape[:2]
     flat = mean_images.reshape(n * k, *mean_images.shape[2:])
-    out = [torch.softmax(teacher(flat[i:i + batch_size]).float(), dim=-1) for i in range(0, flat.shape[0], batch_size)]
+    return teacher_probs_of_batches(teacher, (flat[i:i + batch_size] for i in range(0, n * k, batch_size)), n, k)
+
+
+@torch.no_grad()
+def teacher_probs_of_batches(teacher: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
+                             n: int, k: int) -> torch.Tensor:
+    """Softmax of `teacher` on mean images given as batches in component order (class-major), so that
+    no more than one batch of images is ever held: [N, K, classes] on the CPU."""
+    out = [torch.softmax(teacher(x).float(), dim=-1).cpu() for x in batches]
     return torch.cat(out).reshape(n, k, -1)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from d3codec.encode.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs
+from d3codec.encode.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, decoder_shapes, store_decoder_state, store_priors
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry, Labels, Metadata, Priors, Stored
@@ -252,31 +252,6 @@ def _merged_metadata(parts: Sequence[_Part]) -> Metadata:
                     fingerprint=m0.fingerprint)
 
 
-@torch.no_grad()
-def mean_images(d3: D3File, device: str = "cpu") -> torch.Tensor:
-    """Each component's mean image [N, K, C, H, W], decoded by its class's decoder, in the
-    normalised space training images live in (`(pixel01 - mean) / std`)."""
-    from d3codec.models.registry import build_decoder
-
-    meta = d3.metadata
-    means = d3.priors.mean.dequantize()
-    n, k, dim = means.shape
-    out = torch.zeros((n, k, *meta.image_shape))
-    lo, hi = meta.value_range
-    pm = torch.tensor(meta.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    ps = torch.tensor(meta.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    for entry in d3.decoders:
-        module = build_decoder(entry.family, entry.version, entry.hparams)
-        module.load_state_dict({name: s.dequantize() for name, s in entry.weights.items()})
-        module.to(device).eval()
-        idx = torch.tensor(entry.classes, dtype=torch.long)
-        z = means[idx].reshape(-1, dim).to(device)
-        v = torch.cat([module(chunk) for chunk in z.split(512)])
-        pixels = (v - lo) / (hi - lo)
-        out[idx] = ((pixels - pm) / ps).cpu().reshape(len(entry.classes), k, *meta.image_shape)
-    return out
-
-
 def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any], dataset: Any,
                   device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False) -> Labels:
     """Soft labels over all classes: a teacher trained on the whole dataset (cached by the experts
@@ -291,7 +266,11 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
                              seed=int(teacher_spec["seed"]), cache_dir=cache_dir, device=device,
                              progress=progress)
     teacher = experts.teacher(device=device)
-    probs = teacher_probs(teacher, mean_images(d3, device).to(device)).cpu()
+    # The teacher sees what it was trained on: the file's normalised space (not [0, 1] pixels).
+    from d3codec.decode.decoders import mean_image_batches
+
+    batches = mean_image_batches(d3, device, space="normalized", batch_size=512)
+    probs = teacher_probs_of_batches(teacher, batches, d3.priors.num_classes, d3.priors.latents_per_class)
     return store_labels(probs, storage)
 
 

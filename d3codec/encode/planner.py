@@ -281,7 +281,8 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
                 provenance: Optional[dict[str, Any]] = None, latents_per_class: Optional[int] = None,
                 latent_dim: Optional[int] = None, width: Optional[int] = None, weight_dtype: str = "I8",
                 latent_dtype: str = "I8", labels: str = "auto", family: str = DECODER_FAMILY,
-                version: int = DECODER_VERSION, norm: str = "batch", constant_logvar: bool = False) -> Plan:
+                version: int = DECODER_VERSION, norm: str = "batch", constant_logvar: bool = False,
+                max_latents_per_class: int = MAX_LATENTS_PER_CLASS) -> Plan:
     """The plan that fits `budget`, or `BudgetError` naming the smallest budget that works.
 
     `classes` are the (global) class ids this file draws (default: all). Fixed choices
@@ -290,6 +291,8 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     raised to fill what the decoder's width steps leave. `provenance` must be the one the file
     will carry (it counts in the header). `constant_logvar`: the encoder stores one log-variance
     value throughout (it does not train them), so they take almost no bytes.
+    `max_latents_per_class` caps the chosen K (the encoder passes the smallest class's image count:
+    more components than real images would only repeat them).
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -329,8 +332,9 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     soft = _label_choice_per_component(d, latent_dtype, metadata.num_classes, labels)
     label_options = [soft] + ([LabelStorage("hard")] if labels == "auto" and soft.kind != "hard" else [])
     for lab in label_options:  # soft labels at any width before hard ones
-        k0 = latents_per_class or default_latents_per_class(budget, n, d, latent_dtype,
-                                                            _label_bytes(lab, metadata.num_classes))
+        cap = max(1, min(MAX_LATENTS_PER_CLASS, max_latents_per_class))
+        k0 = latents_per_class or min(cap, default_latents_per_class(budget, n, d, latent_dtype,
+                                                                     _label_bytes(lab, metadata.num_classes)))
         ks = [k0] if latents_per_class else sorted({max(1, k0 >> i) for i in range(12)}, reverse=True)
         for k in ks:
             plan = _widest(lambda wd: attempt(k, wd, lab), widths)
@@ -338,7 +342,7 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
                 continue
             if latents_per_class is None:  # fill what the width step left with more components
                 wd = plan.hparams["width"]
-                lo, hi = k, MAX_LATENTS_PER_CLASS
+                lo, hi = k, cap
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
                     bigger = attempt(mid, wd, lab)
