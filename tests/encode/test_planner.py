@@ -107,3 +107,9 @@ def test_fixed_choices_are_honoured() -> None:
     free = plan_budget(metadata, parse_budget("2ipc", 10, (1, 28, 28)), latent_dim=16, width=8)
     assert free.latents_per_class > 3 and free.labels.kind != "hard"  # components fill the bytes left
     assert math.isclose(plan.budget.ipc, 2.0)
+
+
+def test_components_never_outnumber_the_real_images_of_a_class() -> None:
+    metadata = _metadata(10, (1, 28, 28))
+    plan = plan_budget(metadata, parse_budget("10ipc", 10, (1, 28, 28)), max_latents_per_class=4)
+    assert plan.latents_per_class == 4  # 10ipc would buy far more than 4 components per class
