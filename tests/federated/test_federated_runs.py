@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from conftest import SUBTASKS, encode_args, run_cli
 
 from d3codec.format.io import load
@@ -30,7 +32,12 @@ def test_merged_file_verifies_and_covers_every_class_once(serial_run: str) -> No
     assert d3.priors.mean.shape[0] == 10 and d3.metadata.num_classes == 10
     assert d3.metadata.class_names == [str(i) for i in range(10)] or len(set(d3.metadata.class_names)) == 10
     # Global soft labels: one distribution over all 10 classes per component.
-    assert d3.labels.kind == "soft" and d3.labels.probs.shape == (10, d3.priors.latents_per_class, 10)
+    from d3codec.decode.decoders import LabelTable
+
+    k = d3.priors.latents_per_class
+    assert d3.labels.kind == "soft"
+    probs = LabelTable(d3.labels, 10).lookup(torch.arange(10).repeat_interleave(k), torch.arange(k).repeat(10))
+    assert probs.shape == (10 * k, 10) and torch.allclose(probs.sum(-1), torch.ones(10 * k), atol=1e-4)
     # The work dir of parts is cleaned up once the merged file is written.
     assert not os.path.exists(serial_run + ".parts")
 
