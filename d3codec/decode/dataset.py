@@ -8,7 +8,10 @@ How the stream is defined (so it is deterministic, shardable and indexable):
 
 - An epoch is `epoch_size` positions (default: the fewest whole rounds, see below, that fill one
   batch on every rank: one round, the paper's epoch, whenever a round is at least that big). Position i of epoch e is
-  slot `perm_e[i]`, `perm_e` a permutation drawn from (seed, e). A round is every component
+  slot `perm_e[i]`, `perm_e` a permutation drawn from (seed, e). An `epoch_size` that is not a
+  whole number of rounds walks one endless sequence of rounds instead (position i of epoch e is
+  place q = e * epoch_size + i, in round q // round, each round permuted from (seed, round)), so
+  short epochs still cover every component and class in turn. A round is every component
   once: `mode="mixed"` (the paper's evaluation) has 2 N K slots, each component's mean image and
   one random draw; `"random"` and `"mean"` have N K. Epochs longer than a round repeat rounds
   (slot s is round slot s mod round), so classes stay balanced exactly per round.
@@ -134,6 +137,7 @@ class D3Dataset(IterableDataset):
         else:
             self.augment = augment or None
         self._perm: Optional[tuple[int, torch.Tensor]] = None
+        self._round_perms: dict[int, torch.Tensor] = {}
         self._blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -177,6 +181,23 @@ class D3Dataset(IterableDataset):
             self._perm = (epoch, torch.randperm(self.epoch_size, generator=g).to(self.device))
         return self._perm[1]
 
+    def _round_slots(self, epoch: int, pos: torch.Tensor) -> torch.Tensor:
+        """Slots of epoch positions when `epoch_size` is not a whole number of rounds: epochs walk
+        one endless sequence of rounds (position q = epoch * epoch_size + i; round q // round, each
+        round its own permutation), so every slot comes once per round whatever the epoch size."""
+        q = epoch * self.epoch_size + pos % self.epoch_size
+        r, idx = q // self.round, q % self.round
+        slot = torch.empty_like(idx)
+        for rr in torch.unique(r).tolist():
+            if rr not in self._round_perms:
+                if len(self._round_perms) >= 4:
+                    self._round_perms.pop(next(iter(self._round_perms)))
+                g = torch.Generator().manual_seed(_seed(self.seed, rr, "round"))
+                self._round_perms[rr] = torch.randperm(self.round, generator=g).to(self.device)
+            mask = r == rr
+            slot[mask] = self._round_perms[rr][idx[mask]]
+        return slot
+
     def _block(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (epoch, b)
         if key not in self._blocks:
@@ -207,7 +228,10 @@ class D3Dataset(IterableDataset):
         n, k = self.num_classes, self.latents_per_class
         pt = self.priors
         if self.class_cdf is None:
-            slot = self._permutation(epoch)[pos % self.epoch_size] % self.round
+            if self.epoch_size % self.round == 0:
+                slot = self._permutation(epoch)[pos % self.epoch_size] % self.round
+            else:
+                slot = self._round_slots(epoch, pos)
             if self.mode == "mixed":
                 random = slot >= n * k
                 slot = torch.where(random, slot - n * k, slot)
