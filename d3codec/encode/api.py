@@ -182,14 +182,14 @@ def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance
     """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes."""
     from d3codec.models.registry import export_state
 
-    labels = store_labels(torch.zeros(0), plan.labels) if plan.labels.kind == "hard" else None
-    if labels is None:
+    distiller.freeze_if_needed()  # the folded, stored-form decoder from here on
+    if plan.labels.kind == "hard":
+        labels = store_labels(torch.zeros(0), plan.labels)
+    else:
         teacher = experts.teacher(device=device)
         n, k = distiller.mean.shape[:2]
         labels = store_labels(teacher_probs_of_batches(teacher, distiller.mean_image_batches(), n, k), plan.labels)
-    else:
-        distiller.freeze_if_needed()
-    state = export_state(distiller.decoder)  # frozen: the folded, stored-form decoder
+    state = export_state(distiller.decoder)
     weights = store_decoder_state({k: v.detach().cpu() for k, v in state.items()}, plan.weight_dtype)
     classes = list(range(len(real.classes)))
     metadata = real.metadata()

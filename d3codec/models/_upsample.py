@@ -86,9 +86,13 @@ class UpsamplingDecoder(nn.Module):
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"decoder expects latents [B, {self.latent_dim}], got {tuple(z.shape)}")
         h = self.fc(z) if self.fc is not None else z
-        h = h.view(z.shape[0], self.widths[0], 2, 2)
-        for block in self.blocks:
-            h = block(h)
+        return self.draw_from(h.view(z.shape[0], self.widths[0], 2, 2), 0)
+
+    def draw_from(self, h: torch.Tensor, block: int) -> torch.Tensor:
+        """The network from the input of block `block` on: the rest of the blocks, the Conv head,
+        tanh and the centre crop (decoders that compute the first blocks another way share it)."""
+        for b in self.blocks[block:]:
+            h = b(h)
         x = torch.tanh(self.out(h))
         if self._crop:
             c = self._crop
