@@ -15,7 +15,7 @@ import torch
 
 from d3codec._version import __version__
 from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults
-from d3codec.encode.labels import LabelStorage, store_labels, teacher_probs_of_batches
+from d3codec.encode.labels import store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry
@@ -97,10 +97,7 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
 
 def _smallest_class(real: Any) -> int:
     """Images in the smallest class of `real` (K above it would only repeat real images)."""
-    import numpy as np
-
-    counts = np.bincount(np.asarray(real.labels, dtype=np.int64), minlength=len(real.classes))
-    return max(1, int(counts.min()))
+    return max(1, int(real.class_counts().min()))
 
 
 def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions
@@ -157,17 +154,10 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     run_loop(distiller, output + ".ckpt", plan, resume=options.resume,
              checkpoint_every=options.checkpoint_every, quiet=options.quiet)
     d3 = export(distiller, plan, real, experts, prov, device=options.device)
-    from d3codec.format.errors import OverBudgetError
-    from d3codec.format.io import load, save
+    from d3codec.encode.fitting import save_within_budget
+    from d3codec.format.io import load
 
-    try:
-        size = save(d3, output, plan.budget)
-    except OverBudgetError:
-        if plan.guaranteed or d3.labels.kind == "hard":
-            raise
-        # Only estimated plans (tiny budgets) can land here: drop the soft labels to fit.
-        say("the file came out over the estimate: storing hard labels instead of soft ones")
-        size = save(d3.replace(labels=store_labels(torch.zeros(0), LabelStorage("hard"))), output, plan.budget)
+    size, _ = save_within_budget(d3, output, plan.budget, say)
     try:
         os.unlink(output + ".ckpt")
     except OSError:

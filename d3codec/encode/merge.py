@@ -281,8 +281,8 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
     Soft labels need the data (for the teacher): `dataset` (an `ImageDataset`), else `data`, else
     the reference the parts recorded. Refuses misfit parts with a `PartError` subclass.
     """
-    from d3codec.format.errors import OverBudgetError
-    from d3codec.format.io import load, save
+    from d3codec.encode.fitting import save_within_budget
+    from d3codec.format.io import load
 
     say: Log = log or (lambda s: None if quiet else print(s, file=sys.stderr))
     parts = _read_parts(paths)
@@ -308,13 +308,7 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
         with single_thread():
             d3.labels = global_labels(d3, storage, record["teacher"], dataset, device,
                                       cache_dir=spec.cache_dir if spec else None, progress=not quiet)
-    try:
-        size = save(d3, output, budget)
-    except OverBudgetError:
-        if record.get("guaranteed", True) or d3.labels.kind == "hard":
-            raise
-        say("the merged file came out over the estimate: storing hard labels instead of soft ones")
-        size = save(d3.replace(labels=Labels(kind="hard")), output, budget)
+    size, d3 = save_within_budget(d3, output, budget, say)
     say(f"wrote {output}: {size:,} bytes ({100.0 * size / budget.bytes:.1f}% of the budget), "
         f"{len(parts)} decoders, {metadata.num_classes} classes")
     return load(output)
