@@ -135,6 +135,11 @@ class ImageDataset:
             self._per_class[c] = np.flatnonzero(self.labels == c)
         return self._per_class[c]
 
+    def class_counts(self) -> np.ndarray:
+        """Images per class of this view, indexed by label as `labels` gives it (remapped or global)."""
+        size = len(self.classes) if self.remapped else len(self.entry.meta["class_names"])
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=size)
+
     # ---- data ----
     def uint8(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Raw images (n, H, W, C) uint8 at `indices` of this view."""

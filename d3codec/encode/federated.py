@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -215,7 +214,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     metadata = dataset.metadata()
     n = metadata.num_classes
     b = budget if isinstance(budget, Budget) else parse_budget(budget, n, metadata.image_shape)
-    counts = np.bincount(np.asarray(dataset.labels, dtype=np.int64), minlength=n)
+    counts = dataset.class_counts()
     groups = split_classes(n, subtasks, split, counts.tolist())
     cfg = options.distill_config()
     n_exp, n_ep = options.expert_settings(cfg)

@@ -164,6 +164,10 @@ def test_subset_views_share_the_cache(cache_dir):
     assert sub.mean == train.mean  # one pixel space for every view
     with pytest.raises(DatasetError, match="distinct"):
         train.subset([1, 1])
+    counts = train.class_counts()
+    assert counts.sum() == len(train) and counts[7] == len(train.indices_of_class(7))
+    assert sub.class_counts().tolist() == [counts[7], counts[2]]
+    assert kept.class_counts()[[2, 7]].tolist() == [counts[2], counts[7]] and kept.class_counts()[0] == 0
 
 
 def test_batch_is_normalised_on_device(cache_dir):
