@@ -286,7 +286,8 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--split", type=click.Choice(["contiguous", "balanced"]), help="With --subtasks: contiguous class "
               "ranges (default, as the paper) or balanced by image count.")
 @click.option("--nproc", type=int, default=1, show_default=True,
-              help="With --subtasks: local processes (under torchrun the ranks are the processes).")
+              help="With --subtasks: local processes (under torchrun the ranks are the processes). "
+                   "More ranks than subtasks share each subtask's expert training; the file is the same.")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars.")
 def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
