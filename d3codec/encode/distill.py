@@ -357,7 +357,7 @@ class Distiller:
     def freeze(self) -> None:
         """Calibrate BatchNorm statistics on a large draw of the priors, fold them into the
         convolutions and go on with that decoder: the architecture and weights the file stores."""
-        from d3codec.models.registry import build_decoder, fold_batchnorm
+        from d3codec.models.registry import fold_batchnorm
 
         for m in self.decoder.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

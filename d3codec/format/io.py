@@ -13,7 +13,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

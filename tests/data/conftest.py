@@ -1,7 +1,6 @@
 """Fixtures that write small real datasets (ImageFolder trees, npz, IDX, CIFAR batches) to tmp."""
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
