@@ -7,6 +7,15 @@ reported as ratios to it. The workload is one MTT iteration of the distiller: a 
 
     python benchmarks/distill_speed.py                      # CIFAR-like 3x32x32, steps 10 and 30
     python benchmarks/distill_speed.py --steps 10 20 --batch 50 --json
+    python benchmarks/distill_speed.py --cost-model       # why: the cost of one step's primitives
+
+`--cost-model` times the primitives one unroll step is built of, as multiples of one plain gradient
+(forward + backward): a gradient with its graph kept plus the double backward that gives the
+Hessian-vector product and the image gradient (reverse over reverse, what naive autograd does for
+every step), and the same by forward over reverse (`torch.func.jvp` of `torch.func.grad`). An exact
+constant-memory method pays one extra plain gradient per step (the forward sweep that finds the
+weights it recomputes from), so its best speed is rr / (1 + rr) of naive's when memory is no
+bottleneck.
 """
 from __future__ import annotations
 
@@ -50,6 +59,54 @@ def _child(method: str, steps: int, batch: int, size: int, channels: int, width:
             "peak_rss_mb": peak_kib / 1024, "rss_after_warmup_mb": rss_before / 1024}
 
 
+def _cost_model(batch: int, size: int, channels: int, width: int, repeats: int, threads: int) -> dict:
+    import torch
+    from torch.func import grad, jvp
+
+    from d3codec.models.convnet import ConvNet, flatten_params, functional_forward, init_params
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    net = init_params(ConvNet(channels, 10, size, width=width), g)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    y = torch.arange(batch) % 10
+    w0 = flatten_params(net).detach()
+    lam = 1e-3 * torch.randn(w0.shape, generator=g)
+
+    def loss(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(functional_forward(net, w, xs), y)
+
+    def plain() -> None:
+        w = w0.clone().requires_grad_(True)
+        torch.autograd.grad(loss(w, x), w)
+
+    def rev_over_rev() -> None:
+        w, xs = w0.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        (gw,) = torch.autograd.grad(loss(w, xs), w, create_graph=True)
+        torch.autograd.grad(gw, [w, xs], grad_outputs=lam)
+
+    both = grad(loss, argnums=(0, 1))
+
+    def fwd_over_rev() -> None:
+        jvp(both, (w0, x), (lam, torch.zeros_like(x)))
+
+    def seconds(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    times = {name: seconds(fn) for name, fn in
+             (("grad", plain), ("rev_over_rev", rev_over_rev), ("fwd_over_rev", fwd_over_rev))}
+    base = times["grad"]
+    out = {f"{k}_s": v for k, v in times.items()}
+    out.update({f"{k}_x_grad": v / base for k, v in times.items()})
+    rr = out["rev_over_rev_x_grad"]
+    out["best_exact_speed_vs_naive"] = rr / (1.0 + rr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 30])
@@ -61,9 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--cost-model", action="store_true",
+                    help="time one step's primitives (gradient, reverse/forward over reverse) instead")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     common = (args.batch, args.size, args.channels, args.width, args.repeats, args.threads)
+    if args.cost_model:
+        print(json.dumps(_cost_model(*common)))
+        return
     if args.child:
         print(json.dumps(_child(args.child[0], int(args.child[1]), *common)))
         return
