@@ -20,7 +20,7 @@ from d3codec.encode.federated import (SharedExpertFailed, assigned_tasks, expert
 
 #: One subtask, two 1-epoch experts, a few iterations: seconds per run.
 SHARED = ["--budget", "10ipc", "--subtasks", "1", "--experts", "2", "--expert-epochs", "1", "--iterations", "6",
-          "--fit-steps", "4", "--checkpoint-every", "2"]
+          "--fit-steps", "4", "--checkpoint-every", "2", "--labels", "soft"]
 
 
 def _args(output: str, cache: str, *extra: str) -> list[str]:
