@@ -15,7 +15,7 @@ import torch
 
 from d3codec._version import __version__
 from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults
-from d3codec.encode.labels import resolve_labels, store_labels, teacher_probs_of_batches
+from d3codec.encode.labels import store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry
@@ -118,8 +118,8 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     prov = _provenance(options, cfg, classes, dataset, experts)
     plan = plan_budget(metadata, b, provenance=prov, latents_per_class=options.latents_per_class,
                        latent_dim=options.latent_dim, width=options.width, weight_dtype=options.weight_dtype,
-                       latent_dtype=options.latent_dtype,
-                       labels=resolve_labels(options.labels, experts[1], len(real)), constant_logvar=not cfg.learn_logvar, max_latents_per_class=_smallest_class(real))
+                       latent_dtype=options.latent_dtype, labels=options.labels,
+                       constant_logvar=not cfg.learn_logvar, max_latents_per_class=_smallest_class(real))
     return plan, cfg, real, prov
 
 

@@ -7,7 +7,6 @@ over the other classes when read, see `format.types.Labels`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -30,21 +29,6 @@ class LabelStorage:
         if self.kind == "dense":
             return f"soft dense {self.dtype}"
         return f"soft top-{self.k} ({self.dtype} values)"
-
-
-#: SGD steps a teacher needs before its soft labels beat the components' own classes. The CPU
-#: default's teacher (one expert, about one epoch: 120-250 steps) is short of it: on MNIST 1ipc hard
-#: labels scored 96.61% against 94.54% for its soft labels (benchmarks/RESULTS.md).
-MIN_TEACHER_STEPS = 1000
-
-
-def resolve_labels(labels: str, teacher_epochs: int, train_images: int, batch_size: int = 256) -> str:
-    """`--labels auto` made concrete: `auto` (soft, hard only where soft cannot fit) when the teacher
-    trains for at least `MIN_TEACHER_STEPS` SGD steps, else `hard`; `soft`/`hard` stay as given."""
-    if labels != "auto":
-        return labels
-    steps = teacher_epochs * math.ceil(max(1, train_images) / batch_size)
-    return "auto" if steps >= MIN_TEACHER_STEPS else "hard"
 
 
 def index_dtype(num_classes: int) -> str:

@@ -32,7 +32,6 @@ def digits(cache):
 
 def _options(cache: str, **kw) -> EncodeOptions:
     base = dict(iterations=ITERS, fit_steps=FIT, seed=0, cache_dir=cache, quiet=True, checkpoint_every=2, expert_epochs=3,
-                labels="soft",  # the teacher path end to end (auto picks hard for so short a teacher)
                 overrides={"samples_per_class": 6, "real_per_class": 6, "calibration_samples": 200})
     base.update(kw)
     return EncodeOptions(**base)

@@ -65,26 +65,3 @@ def test_damaged_checkpoint_is_a_config_error(tmp_path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="delete it"):
         load_checkpoint(path)
-
-
-def test_auto_labels_are_soft_only_with_a_well_trained_teacher() -> None:
-    from d3codec.encode.labels import MIN_TEACHER_STEPS, resolve_labels
-
-    assert resolve_labels("auto", 1, 60000) == "hard"            # the CPU default on MNIST: 235 steps
-    assert resolve_labels("auto", 20, 1437) == "hard"            # digits: 20 epochs of 6 batches
-    assert resolve_labels("auto", 30, 45000) == "auto"           # a GPU default: 30 epochs of 176 batches
-    assert resolve_labels("auto", MIN_TEACHER_STEPS, 256) == "auto"
-    assert resolve_labels("auto", MIN_TEACHER_STEPS - 1, 256) == "hard"
-    assert resolve_labels("soft", 1, 10) == "soft" and resolve_labels("hard", 100, 60000) == "hard"
-
-
-def test_encode_plans_hard_labels_for_the_cpu_default_teacher(tmp_path) -> None:
-    from d3codec.data import open_dataset
-    from d3codec.encode.api import EncodeOptions, plan_for
-
-    digits = open_dataset("digits", cache_dir=str(tmp_path), progress=False)
-    auto = plan_for(digits, "1ipc", EncodeOptions(cache_dir=str(tmp_path)))[0]
-    soft = plan_for(digits, "1ipc", EncodeOptions(cache_dir=str(tmp_path), labels="soft"))[0]
-    long = plan_for(digits, "1ipc", EncodeOptions(cache_dir=str(tmp_path), expert_epochs=200))[0]
-    assert auto.labels.kind == "hard" and soft.labels.kind != "hard" and long.labels.kind != "hard"
-    assert auto.latents_per_class > soft.latents_per_class  # the label bytes went to components

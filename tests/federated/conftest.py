@@ -11,8 +11,7 @@ import pytest
 
 #: Budget, subtasks and training settings every federated test shares (seconds per run on CPU).
 BUDGET, SUBTASKS = "10ipc", 3
-TINY = ["--iterations", "6", "--fit-steps", "4", "--experts", "1", "--expert-epochs", "1", "--checkpoint-every", "2",
-        "--labels", "soft"]
+TINY = ["--iterations", "6", "--fit-steps", "4", "--experts", "1", "--expert-epochs", "1", "--checkpoint-every", "2"]
 
 
 def encode_args(output: str, cache: str, *extra: str) -> list[str]:
