@@ -429,14 +429,9 @@ class Distiller:
             self.freeze()
 
     @torch.no_grad()
-    def mean_images(self) -> torch.Tensor:
-        """Each component's mean image [N, K, C, H, W] (eval mode, normalised space)."""
-        n, k = self.mean.shape[:2]
-        return torch.cat(list(self.mean_image_batches())).reshape(n, k, *self.metadata.image_shape)
-
-    @torch.no_grad()
     def mean_image_batches(self, batch_size: int = 512) -> Iterator[torch.Tensor]:
-        """The mean images `batch_size` at a time, class-major: memory of one batch for any K."""
+        """Each component's mean image (eval mode, normalised space), `batch_size` at a time,
+        class-major: memory of one batch for any K."""
         self.freeze_if_needed()
         n, k, d = self.mean.shape
         flat = self.mean.reshape(n * k, d)

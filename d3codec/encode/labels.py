@@ -71,15 +71,6 @@ def _store_probs(p: torch.Tensor, dtype: str) -> Stored:
 
 
 @torch.no_grad()
-def teacher_probs(teacher: Callable[[torch.Tensor], torch.Tensor], mean_images: torch.Tensor,
-                  batch_size: int = 256) -> torch.Tensor:
-    """Softmax (temperature 1) of `teacher` logits on `mean_images` [N, K, C, H, W] -> [N, K, classes]."""
-    n, k = mean_images.shape[:2]
-    flat = mean_images.reshape(n * k, *mean_images.shape[2:])
-    return teacher_probs_of_batches(teacher, (flat[i:i + batch_size] for i in range(0, n * k, batch_size)), n, k)
-
-
-@torch.no_grad()
 def teacher_probs_of_batches(teacher: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
                              n: int, k: int) -> torch.Tensor:
     """Softmax of `teacher` on mean images given as batches in component order (class-major), so that

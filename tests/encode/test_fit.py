@@ -39,7 +39,7 @@ def test_fit_reconstructs_the_chosen_real_images(fitted) -> None:
     assert all(len(set(row.tolist())) == k for row in distiller.fit_targets)
     labels = real.label_tensor(distiller.fit_targets.reshape(-1).numpy())
     assert torch.equal(labels, torch.arange(n).repeat_interleave(k))
-    means = distiller.mean_images().reshape(n * k, -1)
+    means = torch.cat(list(distiller.mean_image_batches())).reshape(n * k, -1)
     dist = torch.cdist(means, targets.reshape(n * k, -1))
     own = (dist.argmin(dim=1) == torch.arange(n * k)).float().mean()
     assert own >= 0.8, f"only {own:.0%} of mean images are nearest their own target"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from d3codec.encode.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from d3codec.encode.labels import LabelStorage, index_dtype, store_labels, teacher_probs
+from d3codec.encode.labels import LabelStorage, index_dtype, store_labels, teacher_probs_of_batches
 from d3codec.errors import ConfigError
 
 
@@ -37,7 +37,8 @@ def test_hard_labels_store_nothing_and_index_dtypes_grow() -> None:
 
 def test_teacher_probs_are_softmax_rows() -> None:
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    p = teacher_probs(teacher, torch.randn(2, 5, 1, 2, 2), batch_size=3)
+    images = torch.randn(10, 1, 2, 2)
+    p = teacher_probs_of_batches(teacher, images.split(3), 2, 5)  # batches of 3, 3, 3, 1
     assert p.shape == (2, 5, 3)
     assert torch.allclose(p.sum(-1), torch.ones(2, 5))
 
