@@ -129,3 +129,30 @@ def test_experts_command_reports_held_out_accuracy(tmp_path):
     assert text.exit_code == 0 and "held-out accuracy" in text.output and "held out of the source" in text.output
     bad = CliRunner().invoke(cli, ["experts", "digits", "--classes", "x", "--cache-dir", str(tmp_path)])
     assert bad.exit_code == 1 and bad.output.startswith("error: cannot read --classes")
+
+
+def test_concurrent_encodes_train_a_shared_expert_once(digits, tmp_path, monkeypatch):
+    """Two encodes started together (a budget sweep, say) share the cache: the second waits for the
+    first's expert instead of training it again into the same partial folder (which crashed)."""
+    import threading
+
+    train, _ = digits
+    calls = []
+    real_train = experts_mod.train_classifier
+    monkeypatch.setattr(experts_mod, "train_classifier", lambda *a, **k: (calls.append(1), real_train(*a, **k))[1])
+    start, results, errors = threading.Barrier(2), [], []
+
+    def encode_side() -> None:
+        start.wait()
+        try:
+            results.append(ensure_experts(train, num_experts=1, cache_dir=str(tmp_path), progress=False, **SMALL))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=encode_side) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and calls == [1]
+    assert torch.equal(results[0].trajectory(0), results[1].trajectory(0))

@@ -17,6 +17,7 @@ expert does too. Held-out accuracy is measured on the test split and only report
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -234,9 +235,35 @@ def train_experts(dataset: Any, indices: Iterable[int], config: ExpertConfig, *,
         final = os.path.join(folder, f"expert_{i:04d}.safetensors")
         if os.path.isfile(final):
             continue
-        _train_one(i, train, test, config, final, device, progress)
-        trained.append(i)
+        with _exclusive(final[: -len(".safetensors")] + ".lock", f"expert {i} in {folder}", progress):
+            if os.path.isfile(final):  # another process trained it while this one waited
+                continue
+            _train_one(i, train, test, config, final, device, progress)
+            trained.append(i)
     return folder, trained
+
+
+@contextlib.contextmanager
+def _exclusive(path: str, what: str, progress: bool) -> Iterator[None]:
+    """Hold an advisory lock on `path` (waiting for it if another process has it), so that two
+    encodes started together train a shared expert once instead of racing on its partial files.
+    Without `fcntl` (Windows) there is no lock and concurrent encodes must not share a cache."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process that is training {what}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _train_one(i: int, train: Any, test: Any, config: ExpertConfig, final: str,
