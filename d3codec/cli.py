@@ -273,9 +273,11 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--latent-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
               help="Storage of latent means and log-variances.")
 @click.option("--labels", type=click.Choice(["auto", "soft", "hard"]), default="auto", show_default=True,
-              help="Component labels. auto: the teacher's soft labels, hard only where they cannot fit. "
-                   "hard: each component's class (0 bytes, so more components fit); at CPU settings "
-                   "better on MNIST, worse on CIFAR-10 (benchmarks/RESULTS.md).")
+              help="Component labels. hard: each component's class (0 bytes, so more components fit). "
+                   "soft: the teacher's probabilities (the paper's). auto: trains the components hard "
+                   "labels allow, then keeps hard labels if the teacher agrees with the class of at least "
+                   "85% of them (MNIST, digits), else soft ones and fewer components (CIFAR-10); "
+                   "see benchmarks/RESULTS.md.")
 @click.option("--latents-per-class", type=int, help="K (default: planned).")
 @click.option("--latent-dim", type=int, help="D (default: planned).")
 @click.option("--width", type=int, help="Decoder width (default: the widest that fits).")

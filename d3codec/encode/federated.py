@@ -157,6 +157,7 @@ class FederatedPlan:
         return {"run": self.run, "subtask": index, "subtasks": self.subtasks, "num_classes": self.num_classes,
                 "budget": asdict(self.budget), "share": self.share if share is None else share,
                 "labels": asdict(self.labels), "teacher": self.teacher, "guaranteed": self.guaranteed,
+                "labels_auto": self.options.labels == "auto" and self.labels.kind != "hard",
                 "merged": self.merged_provenance}
 
     def subtask_options(self, index: int, share: Optional[int] = None) -> EncodeOptions:

@@ -14,6 +14,13 @@ import torch
 
 from d3codec.format.types import Labels, Stored
 
+#: `--labels auto` stores hard labels when the teacher's most likely class is the component's own
+#: class for at least this share of the components. Measured on CPU-default files: MNIST 0.91-0.92
+#: and digits 0.93 (hard labels win there by 1.7-2.1 points), CIFAR-10 0.26-0.34 (soft labels win
+#: by 2.3-4.3): a teacher that nearly always agrees adds its noise, one that does not carries what
+#: the classes share.
+HARD_LABEL_AGREEMENT = 0.85
+
 
 @dataclass(frozen=True)
 class LabelStorage:
@@ -77,3 +84,17 @@ def teacher_probs_of_batches(teacher: Callable[[torch.Tensor], torch.Tensor], ba
     no more than one batch of images is ever held: [N, K, classes] on the CPU."""
     out = [torch.softmax(teacher(x).float(), dim=-1).cpu() for x in batches]
     return torch.cat(out).reshape(n, k, -1)
+
+
+def class_agreement(probs: torch.Tensor) -> float:
+    """Share of components whose most likely class under `probs` [N, K, classes] is their own class n."""
+    n, k = probs.shape[:2]
+    own = torch.arange(n).view(n, 1).expand(n, k)
+    return float((probs.argmax(-1) == own).float().mean())
+
+
+def auto_storage(probs: torch.Tensor, soft: LabelStorage) -> tuple[LabelStorage, float]:
+    """`--labels auto` after training: hard when the teacher agrees with the components' classes
+    on `HARD_LABEL_AGREEMENT` of them, else `soft`; returns (storage, agreement)."""
+    agree = class_agreement(probs)
+    return (LabelStorage("hard") if agree >= HARD_LABEL_AGREEMENT else soft), agree
