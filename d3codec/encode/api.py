@@ -163,8 +163,9 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
 
     if plan.auto_soft is not None and d3.labels.kind != "hard":
         d3 = fit_components(d3, plan.budget)
-        say(f"soft labels take bytes: kept {d3.priors.latents_per_class} of {plan.latents_per_class} "
-            f"latent components per class")
+        kept = d3.priors.latents_per_class
+        say(f"soft labels fit beside all {kept} latent components per class" if kept == plan.latents_per_class else
+            f"soft labels take bytes: kept {kept} of {plan.latents_per_class} latent components per class")
     from d3codec.format.io import load
 
     size, _ = save_within_budget(d3, output, plan.budget, say)

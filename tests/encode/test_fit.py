@@ -9,7 +9,7 @@ import torch
 
 from d3codec.data import open_dataset
 from d3codec.encode.api import EncodeOptions, plan_for
-from d3codec.encode.distill import Distiller
+from d3codec.encode.distill import PCA_CODE_STD, Distiller
 from d3codec.encode.experts import ensure_experts
 from d3codec.errors import ConfigError
 
@@ -78,3 +78,18 @@ def test_cpu_objective_keeps_the_log_variances_at_one_value(tmp_path) -> None:
             mean_before = distiller.mean.detach().clone()
     assert not torch.equal(mean_before, distiller.mean.detach())  # the objective did train the means
     assert torch.all(distiller.logvar == 2 * math.log(cfg.fit_noise))
+
+
+def test_fit_starts_from_principal_component_codes(fitted) -> None:
+    """The fit's starting latents are the targets' PCA coordinates at std PCA_CODE_STD: identical
+    images get identical codes, different ones different codes (GLO's initialisation)."""
+    distiller, _, _ = fitted
+    n, k, d = distiller.mean.shape
+    targets = distiller.fit_targets.clone()
+    targets[1, 0] = targets[0, 0]  # one image twice
+    codes = distiller._pca_latents(targets).reshape(n * k, d)
+    assert torch.allclose(codes.std(0), torch.full((d,), PCA_CODE_STD), atol=1e-4)
+    assert torch.allclose(codes[0], codes[k]) and not torch.allclose(codes[0], codes[1])
+    two = targets[0, :2].repeat(n * k)[:n * k].reshape(n, k)  # 2 distinct images: rank 1
+    few = distiller._pca_latents(two)
+    assert torch.isfinite(few).all() and (few[..., 1:] == 0).all()
