@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from d3codec._version import __version__
-from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults
+from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults, default_fit_steps
 from d3codec.encode.labels import HARD_LABEL_AGREEMENT, auto_storage, store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
@@ -115,17 +115,28 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
+    plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real))
+    if options.fit_steps is None and "fit_steps" not in options.overrides and cfg.init == "real":
+        steps = default_fit_steps(len(classes) * plan.latents_per_class, cfg)
+        if steps != cfg.fit_steps:  # the provenance records the fit: plan again with it
+            cfg = replace(cfg, fit_steps=steps)
+            plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real))
+    return plan, cfg, real, prov
+
+
+def _plan(metadata: Any, budget: Budget, options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int],
+          dataset: Any, experts: tuple[int, int], max_k: int) -> tuple[Plan, dict[str, Any]]:
     prov = _provenance(options, cfg, classes, dataset, experts)
     settings = dict(provenance=prov, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                     width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
-                    constant_logvar=not cfg.learn_logvar, max_latents_per_class=_smallest_class(real))
-    plan = plan_budget(metadata, b, labels=options.labels, **settings)
+                    constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
+    plan = plan_budget(metadata, budget, labels=options.labels, **settings)
     if options.labels == "auto" and plan.labels.kind != "hard":
         # Train the components hard labels would fit; after training, the teacher's agreement with
         # their classes decides the labels, and soft ones then cost components (trimmed to fit).
-        hard = plan_budget(metadata, b, labels="hard", **settings)
+        hard = plan_budget(metadata, budget, labels="hard", **settings)
         plan = replace(hard, auto_soft=plan.labels, auto_soft_k=plan.latents_per_class)
-    return plan, cfg, real, prov
+    return plan, prov
 
 
 def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],

@@ -93,3 +93,23 @@ def test_fit_starts_from_principal_component_codes(fitted) -> None:
     two = targets[0, :2].repeat(n * k)[:n * k].reshape(n, k)  # 2 distinct images: rank 1
     few = distiller._pca_latents(two)
     assert torch.isfinite(few).all() and (few[..., 1:] == 0).all()
+
+
+def test_default_fit_steps_grow_with_the_targets(tmp_path) -> None:
+    """Many components get a longer fit (each image seen about FIT_PASSES times), within bounds;
+    a fit length the user gives is kept."""
+    from d3codec.encode.distill import FIT_PASSES, MAX_FIT_STEPS, DistillConfig, default_fit_steps
+
+    cfg = DistillConfig(fit_steps=1000, fit_batch=256)
+    assert default_fit_steps(10 * 30, cfg) == 1000
+    assert default_fit_steps(10 * 500, cfg) == math.ceil(FIT_PASSES * 5000 / 256)
+    assert default_fit_steps(1000 * 500, cfg) == MAX_FIT_STEPS
+    digits = open_dataset("digits", cache_dir=str(tmp_path), progress=False)
+    auto = EncodeOptions(latents_per_class=100, latent_dim=8, cache_dir=str(tmp_path), overrides={"fit_batch": 64})
+    _, cfg_auto, _, prov = plan_for(digits, "100ipc", auto)
+    assert cfg_auto.fit_steps == default_fit_steps(10 * 100, cpu_cfg := auto.distill_config()) > cpu_cfg.fit_steps
+    assert prov["fit_steps"] == cfg_auto.fit_steps
+    given = EncodeOptions(latents_per_class=100, latent_dim=8, fit_steps=300, cache_dir=str(tmp_path),
+                          overrides={"fit_batch": 64})
+    _, cfg_given, _, _ = plan_for(digits, "100ipc", given)
+    assert cfg_given.fit_steps == 300
