@@ -274,10 +274,9 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
               help="Storage of latent means and log-variances.")
 @click.option("--labels", type=click.Choice(["auto", "soft", "hard"]), default="auto", show_default=True,
               help="Component labels. hard: each component's class (0 bytes, so more components fit). "
-                   "soft: the teacher's probabilities (the paper's). auto: trains the components hard "
-                   "labels allow, then keeps hard labels if the teacher agrees with the class of at least "
-                   "85% of them (MNIST, digits), else soft ones and fewer components (CIFAR-10); "
-                   "see benchmarks/RESULTS.md.")
+                   "soft: the teacher's probabilities (the paper's). auto: soft when the teacher trains "
+                   "for at least 1,000 SGD steps (the GPU default), else hard: a teacher trained for "
+                   "about an epoch, as on CPU, caps the student near its own accuracy (RESULTS.md).")
 @click.option("--latents-per-class", type=int, help="K (default: planned).")
 @click.option("--latent-dim", type=int, help="D (default: planned).")
 @click.option("--width", type=int, help="Decoder width (default: the widest that fits).")

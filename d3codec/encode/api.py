@@ -15,7 +15,7 @@ import torch
 
 from d3codec._version import __version__
 from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults, default_fit_steps
-from d3codec.encode.labels import HARD_LABEL_AGREEMENT, auto_storage, store_labels, teacher_probs_of_batches
+from d3codec.encode.labels import resolve_labels, store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry
@@ -115,27 +115,22 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
-    plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real))
+    plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real), len(real))
     if options.fit_steps is None and "fit_steps" not in options.overrides and cfg.init == "real":
         steps = default_fit_steps(len(classes) * plan.latents_per_class, cfg)
         if steps != cfg.fit_steps:  # the provenance records the fit: plan again with it
             cfg = replace(cfg, fit_steps=steps)
-            plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real))
+            plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real), len(real))
     return plan, cfg, real, prov
 
 
 def _plan(metadata: Any, budget: Budget, options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int],
-          dataset: Any, experts: tuple[int, int], max_k: int) -> tuple[Plan, dict[str, Any]]:
+          dataset: Any, experts: tuple[int, int], max_k: int, images: int) -> tuple[Plan, dict[str, Any]]:
     prov = _provenance(options, cfg, classes, dataset, experts)
     settings = dict(provenance=prov, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                     width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                     constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
-    plan = plan_budget(metadata, budget, labels=options.labels, **settings)
-    if options.labels == "auto" and plan.labels.kind != "hard":
-        # Train the components hard labels would fit; after training, the teacher's agreement with
-        # their classes decides the labels, and soft ones then cost components (trimmed to fit).
-        hard = plan_budget(metadata, budget, labels="hard", **settings)
-        plan = replace(hard, auto_soft=plan.labels, auto_soft_k=plan.latents_per_class)
+    plan = plan_budget(metadata, budget, labels=resolve_labels(options.labels, experts[1], images), **settings)
     return plan, prov
 
 
@@ -169,14 +164,8 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
 
     run_loop(distiller, output + ".ckpt", plan, resume=options.resume,
              checkpoint_every=options.checkpoint_every, quiet=options.quiet)
-    d3 = export(distiller, plan, real, experts, prov, device=options.device, log=say)
-    from d3codec.encode.fitting import fit_components, save_within_budget
-
-    if plan.auto_soft is not None and d3.labels.kind != "hard":
-        d3 = fit_components(d3, plan.budget)
-        kept = d3.priors.latents_per_class
-        say(f"soft labels fit beside all {kept} latent components per class" if kept == plan.latents_per_class else
-            f"soft labels take bytes: kept {kept} of {plan.latents_per_class} latent components per class")
+    d3 = export(distiller, plan, real, experts, prov, device=options.device)
+    from d3codec.encode.fitting import save_within_budget
     from d3codec.format.io import load
 
     size, _ = save_within_budget(d3, output, plan.budget, say)
@@ -190,28 +179,17 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
 
 @torch.no_grad()
 def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance: dict[str, Any],
-           device: str = "cpu", log: Optional[Log] = None) -> D3File:
-    """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes.
-
-    With `plan.auto_soft` (`--labels auto`) the labels are hard when the teacher's most likely class
-    is the component's own for `HARD_LABEL_AGREEMENT` of the components, else `plan.auto_soft`
-    (the file may then be over budget: `encode` trims components)."""
+           device: str = "cpu") -> D3File:
+    """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes."""
     from d3codec.models.registry import export_state
 
     distiller.freeze_if_needed()  # the folded, stored-form decoder from here on
-    if plan.labels.kind == "hard" and plan.auto_soft is None:
+    if plan.labels.kind == "hard":
         labels = store_labels(torch.zeros(0), plan.labels)
     else:
         teacher = experts.teacher(device=device)
         n, k = distiller.mean.shape[:2]
-        probs = teacher_probs_of_batches(teacher, distiller.mean_image_batches(), n, k)
-        storage = plan.labels
-        if plan.auto_soft is not None:
-            storage, agree = auto_storage(probs, plan.auto_soft)
-            if log is not None:
-                log(f"labels: the teacher agrees with the class of {agree:.1%} of the components "
-                    f"(hard at >= {HARD_LABEL_AGREEMENT:.0%}): {storage.describe()}")
-        labels = store_labels(probs, storage)
+        labels = store_labels(teacher_probs_of_batches(teacher, distiller.mean_image_batches(), n, k), plan.labels)
     state = export_state(distiller.decoder)
     weights = store_decoder_state({k: v.detach().cpu() for k, v in state.items()}, plan.weight_dtype)
     classes = list(range(len(real.classes)))

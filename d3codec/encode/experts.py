@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -72,7 +73,7 @@ def _generator(*parts: Any) -> torch.Generator:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
@@ -224,7 +225,7 @@ def train_experts(dataset: Any, indices: Iterable[int], config: ExpertConfig, *,
         info = {"version": EXPERTS_VERSION, "fingerprint": dataset.fingerprint, "dataset": dataset.name,
                 "classes": chosen, "class_names": list(train.class_names),
                 "image_shape": list(dataset.image_shape), "config": asdict(config)}
-        tmp = f"{config_path}.tmp-{os.getpid()}"
+        tmp = f"{config_path}.tmp-{os.getpid()}-{threading.get_ident()}"  # unique per thread too
         with open(tmp, "w") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp, config_path)

@@ -37,7 +37,7 @@ import torch
 from d3codec._version import __version__
 from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for
 from d3codec.encode.classifier import derive_seed
-from d3codec.encode.labels import LabelStorage
+from d3codec.encode.labels import LabelStorage, resolve_labels
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
 from d3codec.encode.planner import Plan, plan_budget
 from d3codec.errors import BudgetError, ConfigError
@@ -157,7 +157,6 @@ class FederatedPlan:
         return {"run": self.run, "subtask": index, "subtasks": self.subtasks, "num_classes": self.num_classes,
                 "budget": asdict(self.budget), "share": self.share if share is None else share,
                 "labels": asdict(self.labels), "teacher": self.teacher, "guaranteed": self.guaranteed,
-                "labels_auto": self.options.labels == "auto" and self.labels.kind != "hard",
                 "merged": self.merged_provenance}
 
     def subtask_options(self, index: int, share: Optional[int] = None) -> EncodeOptions:
@@ -222,7 +221,8 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     # K, D and label storage of the merged file: what the single-task plan of all classes picks.
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
-                        labels=options.labels, max_latents_per_class=max(1, int(counts.min())))
+                        labels=resolve_labels(options.labels, n_ep, len(dataset)),
+                        max_latents_per_class=max(1, int(counts.min())))
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
                                                    "seed": derive_seed(options.seed, "federated-teacher")}

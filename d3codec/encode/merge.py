@@ -20,8 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from d3codec.encode.labels import (HARD_LABEL_AGREEMENT, LabelStorage, auto_storage, placeholder_labels, store_labels,
-                                   teacher_probs_of_batches)
+from d3codec.encode.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, decoder_shapes, store_decoder_state, store_priors
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry, Labels, Metadata, Priors, Stored
@@ -254,12 +253,9 @@ def _merged_metadata(parts: Sequence[_Part]) -> Metadata:
 
 
 def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any], dataset: Any,
-                  device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False,
-                  auto: bool = False, log: Optional[Log] = None) -> Labels:
+                  device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False) -> Labels:
     """Soft labels over all classes: a teacher trained on the whole dataset (cached by the experts
-    API, trained now if missing) applied to every component's mean image. `auto` (`--labels auto`):
-    hard labels instead where the teacher agrees with the components' classes (`auto_storage`);
-    their bytes then stay unused, as the parts were planned for soft ones."""
+    API, trained now if missing) applied to every component's mean image."""
     from d3codec.encode.experts import ensure_experts
 
     if dataset.fingerprint != d3.metadata.fingerprint:
@@ -275,11 +271,6 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
 
     batches = mean_image_batches(d3, device, space="normalized", batch_size=512)
     probs = teacher_probs_of_batches(teacher, batches, d3.priors.num_classes, d3.priors.latents_per_class)
-    if auto:
-        storage, agree = auto_storage(probs, storage)
-        if log is not None:
-            log(f"labels: the teacher agrees with the class of {agree:.1%} of the components "
-                f"(hard at >= {HARD_LABEL_AGREEMENT:.0%}): {storage.describe()}")
     return store_labels(probs, storage)
 
 
@@ -316,8 +307,7 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
             "over all classes")
         with single_thread():
             d3.labels = global_labels(d3, storage, record["teacher"], dataset, device,
-                                      cache_dir=spec.cache_dir if spec else None, progress=not quiet,
-                                      auto=bool(record.get("labels_auto", False)), log=say)
+                                      cache_dir=spec.cache_dir if spec else None, progress=not quiet)
     size, d3 = save_within_budget(d3, output, budget, say)
     say(f"wrote {output}: {size:,} bytes ({100.0 * size / budget.bytes:.1f}% of the budget), "
         f"{len(parts)} decoders, {metadata.num_classes} classes")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from d3codec.encode.labels import HARD_LABEL_AGREEMENT, LabelStorage, placeholder_labels
+from d3codec.encode.labels import LabelStorage, placeholder_labels
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
 
@@ -54,10 +54,6 @@ class Plan:
     num_params: int = 0
     guaranteed: bool = True  # bound from shapes alone; False: compressed-size estimate with a margin
     train_hparams: dict[str, Any] = field(default_factory=dict)  # the decoder trained (BatchNorm)
-    #: `--labels auto`: the soft storage kept if the teacher disagrees with the components' classes
-    #: too often (then K is trimmed to fit, to about `auto_soft_k`); None: `labels` is final.
-    auto_soft: Optional[LabelStorage] = None
-    auto_soft_k: int = 0
 
     def summary(self) -> str:
         """Several lines for the terminal: the choices and the byte breakdown."""
@@ -65,7 +61,7 @@ class Plan:
         lines = [
             f"plan: decoder {self.family} v{self.version} width {self.hparams.get('width')} "
             f"({self.num_params:,} params, {self.weight_dtype}), K={self.latents_per_class} latents/class, "
-            f"D={self.latent_dim} ({self.latent_dtype}), labels {self._labels_text()}",
+            f"D={self.latent_dim} ({self.latent_dtype}), labels {self.labels.describe()}",
             f"budget {b.bytes:,} bytes ({b.spec or b.unit}); file "
             f"{'at most' if self.guaranteed else 'estimated at (compressed, with margin)'} {self.bound:,} bytes "
             f"({100.0 * self.bound / b.bytes:.1f}% of budget)",
@@ -73,13 +69,6 @@ class Plan:
         for part, n in self.breakdown.items():
             lines.append(f"  {part:<10} <= {n:>12,} bytes")
         return "\n".join(lines)
-
-    def _labels_text(self) -> str:
-        if self.auto_soft is None:
-            return self.labels.describe()
-        return (f"auto: hard (0 bytes) if the teacher agrees with the class of >= {HARD_LABEL_AGREEMENT:.0%} "
-                f"of the components, else {self.auto_soft.describe()} with K trimmed to fit "
-                f"(about {self.auto_soft_k})")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -32,6 +32,7 @@ def digits(cache):
 
 def _options(cache: str, **kw) -> EncodeOptions:
     base = dict(iterations=ITERS, fit_steps=FIT, seed=0, cache_dir=cache, quiet=True, checkpoint_every=2, expert_epochs=3,
+                labels="soft",  # the teacher's labels path end to end (auto is hard for this short teacher)
                 overrides={"samples_per_class": 6, "real_per_class": 6, "calibration_samples": 200})
     base.update(kw)
     return EncodeOptions(**base)

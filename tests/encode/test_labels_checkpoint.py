@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from d3codec.encode.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from d3codec.encode.labels import (HARD_LABEL_AGREEMENT, LabelStorage, auto_storage, class_agreement, index_dtype,
-                                   store_labels, teacher_probs_of_batches)
+from d3codec.encode.labels import (MIN_TEACHER_STEPS, LabelStorage, index_dtype, resolve_labels, store_labels,
+                                   teacher_probs_of_batches)
 from d3codec.errors import ConfigError
 
 
@@ -69,15 +69,10 @@ def test_damaged_checkpoint_is_a_config_error(tmp_path) -> None:
         load_checkpoint(path)
 
 
-def test_auto_labels_are_hard_only_where_the_teacher_agrees() -> None:
-    soft = LabelStorage("dense", dtype="U8")
-    n, k = 4, 10
-    own = torch.nn.functional.one_hot(torch.arange(n).repeat_interleave(k), n).float().reshape(n, k, n)
-    other = own.roll(1, dims=-1)  # every component's top class is the next class
-    agreed = int(HARD_LABEL_AGREEMENT * k + 0.999)  # components per class the teacher gets right
-    mixed = torch.cat([own[:, :agreed], other[:, agreed:]], dim=1)
-    assert class_agreement(own) == 1.0 and class_agreement(other) == 0.0
-    assert auto_storage(own, soft) == (LabelStorage("hard"), 1.0)
-    assert auto_storage(mixed, soft)[0].kind == "hard"
-    fewer = torch.cat([own[:, :agreed - 1], other[:, agreed - 1:]], dim=1)
-    assert auto_storage(fewer, soft)[0] == soft
+
+def test_auto_labels_are_soft_only_for_a_long_trained_teacher() -> None:
+    assert resolve_labels("auto", teacher_epochs=1, train_images=45000) == "hard"  # CPU default: 176 steps
+    assert resolve_labels("auto", teacher_epochs=50, train_images=45000) == "auto"  # the paper's experts
+    assert resolve_labels("auto", teacher_epochs=MIN_TEACHER_STEPS, train_images=256) == "auto"
+    assert resolve_labels("auto", teacher_epochs=MIN_TEACHER_STEPS - 1, train_images=256) == "hard"
+    assert resolve_labels("soft", 1, 100) == "soft" and resolve_labels("hard", 100, 10**6) == "hard"
