@@ -11,7 +11,8 @@ import pytest
 
 #: Budget, subtasks and training settings every federated test shares (seconds per run on CPU).
 BUDGET, SUBTASKS = "10ipc", 3
-TINY = ["--iterations", "6", "--fit-steps", "4", "--experts", "1", "--expert-epochs", "1", "--checkpoint-every", "2"]
+TINY = ["--iterations", "6", "--fit-steps", "4", "--experts", "1", "--expert-epochs", "1", "--checkpoint-every", "2",
+        "--labels", "soft"]  # the global teacher's labels (auto is hard for this short teacher)
 
 
 def encode_args(output: str, cache: str, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from d3codec.format.io import load, save
 from d3codec.format.testing import random_d3
 from d3codec.format.types import Stored
 
-OPTIONS = dict(iterations=2, num_experts=1, expert_epochs=1, quiet=True)
+OPTIONS = dict(iterations=2, num_experts=1, expert_epochs=1, quiet=True, labels="soft")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from d3codec.encode.federated import (SharedExpertFailed, assigned_tasks, expert
 
 #: One subtask, two 1-epoch experts, a few iterations: seconds per run.
 SHARED = ["--budget", "10ipc", "--subtasks", "1", "--experts", "2", "--expert-epochs", "1", "--iterations", "6",
-          "--fit-steps", "4", "--checkpoint-every", "2"]
+          "--fit-steps", "4", "--checkpoint-every", "2", "--labels", "soft"]  # soft: a teacher is trained too
 
 
 def _args(output: str, cache: str, *extra: str) -> list[str]:
@@ -79,7 +79,7 @@ def test_two_ranks_share_one_subtasks_experts_and_equal_serial(serial_one_subtas
 
 
 def test_groups_split_each_subtasks_experts_once(digits) -> None:
-    fplan = plan_federated(digits, "10ipc", EncodeOptions(num_experts=5, quiet=True), subtasks=2)
+    fplan = plan_federated(digits, "10ipc", EncodeOptions(num_experts=5, quiet=True, labels="soft"), subtasks=2)
     assert fplan.num_tasks == 3                            # 2 subtasks + the teacher
     assert subtask_group(0, 2, 5) == [0, 2, 4] and subtask_group(1, 2, 5) == [1, 3]
     assert subtask_group(1, 2, 2) == [1] and subtask_group(2, 3, 2) == [0]  # no sharing: its one rank
@@ -91,12 +91,12 @@ def test_groups_split_each_subtasks_experts_once(digits) -> None:
     assert [expert_owner(fplan, 0, i, 5) for i in range(5)] == [0, 2, 4, 0, 2]
     assert expert_shares(fplan, 0, 2) == [] and expert_shares(fplan, 1, 2) == []  # world <= subtasks
     # Ranks past the last expert share and the last task get no process.
-    fewer = plan_federated(digits, "10ipc", EncodeOptions(num_experts=2, quiet=True), subtasks=1)
+    fewer = plan_federated(digits, "10ipc", EncodeOptions(num_experts=2, quiet=True, labels="soft"), subtasks=1)
     assert ranks_with_work(fewer, 4) == [0, 1] and assigned_tasks(fewer.num_tasks, 1, 4) == [1]
 
 
 def test_dry_run_wall_estimate_counts_shared_experts(digits) -> None:
-    fplan = plan_federated(digits, "10ipc", EncodeOptions(num_experts=2, quiet=True), subtasks=1)
+    fplan = plan_federated(digits, "10ipc", EncodeOptions(num_experts=2, quiet=True, labels="soft"), subtasks=1)
     hour = 3600.0
     cost = {"seconds_per_iteration": 1.0, "seconds_per_expert_image": 1e-3,
             "subtask 0": 3 * hour, "subtask 0 experts": 2 * hour, "teacher": 1 * hour}
@@ -107,7 +107,7 @@ def test_dry_run_wall_estimate_counts_shared_experts(digits) -> None:
 
 
 def test_lead_stops_when_a_member_failed_its_expert(digits, tmp_path) -> None:
-    fplan = plan_federated(digits, "10ipc", EncodeOptions(num_experts=2, quiet=True, cache_dir=str(tmp_path)),
+    fplan = plan_federated(digits, "10ipc", EncodeOptions(num_experts=2, quiet=True, labels="soft", cache_dir=str(tmp_path)),
                            subtasks=1)
     path = part_path(str(tmp_path), 0)
     with open(path + ".expert-0001.failed", "w") as f:
