@@ -1,14 +1,14 @@
 """Distillation quality: test accuracy of encoded files beside equal-bytes baselines, same run.
 
 Variants (ablations) encode the same dataset at the same budget with one change each:
-`default` (planner: int8 weights and latents, soft labels, fit to real images first), `f16` / `f32`
-(decoder weights and latents stored in fp16 / fp32: fewer parameters and components fit), `hard`
-(hard labels), `random-init` (no reconstruction fit: the objective starts from random latents). Every file and every
+`default` (planner: int8 weights and latents, `--labels auto`, fit to real images first), `f16` / `f32`
+(decoder weights and latents stored in fp16 / fp32: fewer parameters and components fit), `soft` /
+`hard` (the teacher's soft labels / each component's class), `random-init` (no reconstruction fit: the objective starts from random latents). Every file and every
 baseline is evaluated with the same recipe (`d3codec.evaluate`), and accuracies are also given as
 ratios to the uint8 random-real baseline measured in the same run.
 
     python benchmarks/distill_quality.py --dataset mnist --data-dir ../shared/data/mnist --budget 1ipc \
-        --variants default f16 f32 hard random-init --baselines random png jpeg webp --steps 300 --runs 1
+        --variants default f16 f32 soft hard random-init --baselines random png jpeg webp --steps 300 --runs 1
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ VARIANTS = {
     "default": {},
     "f16": {"weight_dtype": "F16", "latent_dtype": "F16"},
     "f32": {"weight_dtype": "F32", "latent_dtype": "F32"},
+    "soft": {"labels": "soft"},
     "hard": {"labels": "hard"},
     "random-init": {"fit_steps": 0},
 }
