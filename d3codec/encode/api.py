@@ -115,23 +115,23 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
-    plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real), len(real))
+    labels = resolve_labels(options.labels, experts[1], len(real))
+    max_k = _smallest_class(real)
+
+    def plan_with(cfg: DistillConfig) -> tuple[Plan, dict[str, Any]]:
+        prov = _provenance(options, cfg, classes, dataset, experts)
+        return plan_budget(metadata, b, provenance=prov, latents_per_class=options.latents_per_class,
+                           latent_dim=options.latent_dim, width=options.width, weight_dtype=options.weight_dtype,
+                           latent_dtype=options.latent_dtype, labels=labels, constant_logvar=not cfg.learn_logvar,
+                           max_latents_per_class=max_k), prov
+
+    plan, prov = plan_with(cfg)
     if options.fit_steps is None and "fit_steps" not in options.overrides and cfg.init == "real":
         steps = default_fit_steps(len(classes) * plan.latents_per_class, cfg)
         if steps != cfg.fit_steps:  # the provenance records the fit: plan again with it
             cfg = replace(cfg, fit_steps=steps)
-            plan, prov = _plan(metadata, b, options, cfg, classes, dataset, experts, _smallest_class(real), len(real))
+            plan, prov = plan_with(cfg)
     return plan, cfg, real, prov
-
-
-def _plan(metadata: Any, budget: Budget, options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int],
-          dataset: Any, experts: tuple[int, int], max_k: int, images: int) -> tuple[Plan, dict[str, Any]]:
-    prov = _provenance(options, cfg, classes, dataset, experts)
-    settings = dict(provenance=prov, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
-                    width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
-                    constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
-    plan = plan_budget(metadata, budget, labels=resolve_labels(options.labels, experts[1], images), **settings)
-    return plan, prov
 
 
 def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],

@@ -72,8 +72,13 @@ def _generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+def _tmp_name(path: str) -> str:
+    """A temporary name beside `path`, unique per process and thread (then renamed onto `path`)."""
+    return f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = _tmp_name(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
@@ -225,7 +230,7 @@ def train_experts(dataset: Any, indices: Iterable[int], config: ExpertConfig, *,
         info = {"version": EXPERTS_VERSION, "fingerprint": dataset.fingerprint, "dataset": dataset.name,
                 "classes": chosen, "class_names": list(train.class_names),
                 "image_shape": list(dataset.image_shape), "config": asdict(config)}
-        tmp = f"{config_path}.tmp-{os.getpid()}-{threading.get_ident()}"  # unique per thread too
+        tmp = _tmp_name(config_path)
         with open(tmp, "w") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp, config_path)
