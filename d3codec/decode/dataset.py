@@ -7,7 +7,8 @@
 How the stream is defined (so it is deterministic, shardable and indexable):
 
 - An epoch is `epoch_size` positions (default: the fewest whole rounds, see below, that fill one
-  batch on every rank: one round, the paper's epoch, whenever a round is at least that big). Position i of epoch e is
+  batch on every rank: one round, the paper's epoch, whenever a round is at least that big; the
+  world size is read when the stream is used, not at construction). Position i of epoch e is
   slot `perm_e[i]`, `perm_e` a permutation drawn from (seed, e). An `epoch_size` that is not a
   whole number of rounds walks one endless sequence of rounds instead (position i of epoch e is
   place q = e * epoch_size + i, in round q // round, each round permuted from (seed, round)), so
@@ -20,7 +21,10 @@ How the stream is defined (so it is deterministic, shardable and indexable):
   depends on the seed, epoch and its position only, never on the batch size or on other samples.
 - Under `torch.distributed` rank r of W takes positions [r S, (r + 1) S), S = ceil(epoch_size / W)
   (the last rank wraps around to fill S, as `DistributedSampler` pads), so ranks never share a
-  position. DataLoader workers split a rank's batches round-robin.
+  position. r and W (and so the default epoch size) are read from `torch.distributed` each time
+  they are used, so a dataset built before `init_process_group` is sharded like one built after.
+  DataLoader workers split a rank's batches round-robin; a pickled dataset (a worker's copy under
+  the spawn start method) keeps the rank and world size of the process group it was pickled in.
 - `ds[i]` is position i of the current epoch (not sharded, not augmented): `(image, label)`.
 """
 from __future__ import annotations
@@ -51,6 +55,7 @@ def _seed(*parts: Any) -> int:
 
 
 def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group now; (0, 1) when there is none."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -111,6 +116,11 @@ class D3Dataset(IterableDataset):
             raise ConfigError(f"labels must be 'file' or 'hard', not {labels!r}")
         if epoch_size is not None and (isinstance(epoch_size, bool) or not isinstance(epoch_size, int) or epoch_size < 1):
             raise ConfigError(f"epoch_size must be a positive integer or None, got {epoch_size!r}")
+        if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
+                                       or world_size < 1):
+            raise ConfigError(f"world_size must be a positive integer or None, got {world_size!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ConfigError(f"rank must be a non-negative integer or None, got {rank!r}")
         self.d3, self.device = d3, check_device(device)
         self.batch_size, self.seed, self.mode = batch_size, int(seed), mode
         self.endless, self.drop_last, self.denormalize = endless, drop_last, denormalize
@@ -123,8 +133,7 @@ class D3Dataset(IterableDataset):
                               "the file is inconsistent: re-encode it")
         self.num_classes, self.latents_per_class = n, k
         self.round = n * k * (2 if mode == "mixed" else 1)
-        fill = batch_size * (world_size if world_size is not None else _dist_rank_world()[1])
-        self.epoch_size = epoch_size or self.round * math.ceil(fill / self.round)
+        self._epoch_size = epoch_size  # None: resolved from the world size when used
         self.class_cdf = self._class_cdf(class_weights, n)
         self.renderer = Renderer(d3, self.device, precision=precision, channels_last=channels_last, compile=compile,
                                  fold_bn=fold_bn, stem_matmul=stem_matmul)
@@ -136,7 +145,7 @@ class D3Dataset(IterableDataset):
             self.augment: Optional[Callable[..., torch.Tensor]] = DSA()
         else:
             self.augment = augment or None
-        self._perm: Optional[tuple[int, torch.Tensor]] = None
+        self._perm: Optional[tuple[int, int, torch.Tensor]] = None
         self._round_perms: dict[int, torch.Tensor] = {}
         self._blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -151,13 +160,42 @@ class D3Dataset(IterableDataset):
 
     # ---- the stream ----
 
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size): the overrides, else `torch.distributed`'s now (not at construction)."""
+        dist_rank, dist_world = _dist_rank_world()
+        rank = self._rank if self._rank is not None else dist_rank
+        world = self._world if self._world is not None else dist_world
+        if rank >= world:  # checked here: a rank given alone is valid once the process group exists
+            raise ConfigError(f"rank {rank} is not below the world size {world}; pass rank and world_size "
+                              "together, or neither under torch.distributed")
+        return rank, world
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle with the current rank and world size when a process group exists: a DataLoader
+        worker started by spawn unpickles the dataset in a process without one, and would
+        otherwise draw rank 0's part of a one-rank epoch on every rank."""
+        state = self.__dict__.copy()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            state["_rank"], state["_world"] = self._rank_world()
+        return state
+
     @property
     def rank(self) -> int:
-        return self._rank if self._rank is not None else _dist_rank_world()[0]
+        """This process's rank: `rank` if given, else `torch.distributed`'s (0 without a process group)."""
+        return self._rank_world()[0]
 
     @property
     def world_size(self) -> int:
+        """Ranks sharing the stream: `world_size` if given, else `torch.distributed`'s (1 without one)."""
         return self._world if self._world is not None else _dist_rank_world()[1]
+
+    @property
+    def epoch_size(self) -> int:
+        """Positions per epoch over all ranks: `epoch_size` if given, else the fewest whole rounds
+        that fill one batch on each of the `world_size` ranks (so it follows the world size)."""
+        if self._epoch_size is not None:
+            return self._epoch_size
+        return self.round * math.ceil(self.batch_size * self.world_size / self.round)
 
     @property
     def shard_size(self) -> int:
@@ -175,17 +213,17 @@ class D3Dataset(IterableDataset):
         """Use epoch `epoch`'s stream (as `DistributedSampler.set_epoch`)."""
         self.epoch = int(epoch)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
+    def _permutation(self, epoch: int, size: int) -> torch.Tensor:
+        if self._perm is None or self._perm[:2] != (epoch, size):
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, "perm"))
-            self._perm = (epoch, torch.randperm(self.epoch_size, generator=g).to(self.device))
-        return self._perm[1]
+            self._perm = (epoch, size, torch.randperm(size, generator=g).to(self.device))
+        return self._perm[2]
 
-    def _round_slots(self, epoch: int, pos: torch.Tensor) -> torch.Tensor:
+    def _round_slots(self, epoch: int, size: int, pos: torch.Tensor) -> torch.Tensor:
         """Slots of epoch positions when `epoch_size` is not a whole number of rounds: epochs walk
         one endless sequence of rounds (position q = epoch * epoch_size + i; round q // round, each
         round its own permutation), so every slot comes once per round whatever the epoch size."""
-        q = epoch * self.epoch_size + pos % self.epoch_size
+        q = epoch * size + pos % size
         r, idx = q // self.round, q % self.round
         slot = torch.empty_like(idx)
         for rr in torch.unique(r).tolist():
@@ -228,10 +266,11 @@ class D3Dataset(IterableDataset):
         n, k = self.num_classes, self.latents_per_class
         pt = self.priors
         if self.class_cdf is None:
-            if self.epoch_size % self.round == 0:
-                slot = self._permutation(epoch)[pos % self.epoch_size] % self.round
+            size = self.epoch_size
+            if size % self.round == 0:
+                slot = self._permutation(epoch, size)[pos % size] % self.round
             else:
-                slot = self._round_slots(epoch, pos)
+                slot = self._round_slots(epoch, size, pos)
             if self.mode == "mixed":
                 random = slot >= n * k
                 slot = torch.where(random, slot - n * k, slot)
@@ -267,8 +306,9 @@ class D3Dataset(IterableDataset):
         return images, labels
 
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shard = self.shard_size
-        begin = self.rank * shard
+        rank, world = self._rank_world()
+        shard = math.ceil(self.epoch_size / world)
+        begin = rank * shard
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for j, s in enumerate(range(0, shard, self.batch_size)):

@@ -128,6 +128,18 @@ def test_default_epoch_is_whole_rounds_filling_a_batch(make_d3) -> None:
     assert D3Dataset(d3, batch_size=40, mode="random").epoch_size == 40
 
 
+def test_rank_and_world_size_are_checked(make_d3) -> None:
+    d3 = make_d3("small")
+    for bad in ({"world_size": 0}, {"world_size": True}, {"rank": -1}, {"rank": 1.0}):
+        with pytest.raises(ConfigError, match="rank|world_size"):
+            D3Dataset(d3, **bad)
+    # a rank given alone may only fit the world once init_process_group has run: checked when used
+    alone = D3Dataset(d3, batch_size=10, rank=1)
+    assert alone.world_size == 1 and "epoch_size=16" in repr(alone)
+    with pytest.raises(ConfigError, match="rank 1 is not below the world size 1"):
+        list(alone)
+
+
 def test_works_as_a_dataloader_with_batch_size_none(make_d3) -> None:
     ds = D3Dataset(make_d3("small", labels="dense"), batch_size=6, seed=4)
     direct = list(ds)

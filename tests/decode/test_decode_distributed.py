@@ -49,6 +49,51 @@ def test_two_ranks_draw_disjoint_shards_covering_the_epoch(make_d3, tmp_path) ->
     assert torch.cdist(flat, flat).add(torch.eye(20) * 1e9).min() > 1e-4
 
 
+_BUILT_BEFORE_INIT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch.utils.data import DataLoader
+    from d3codec.decode import D3Dataset
+    path, rank, world, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    ds = D3Dataset(path, batch_size=10, seed=11, labels="hard")  # before the process group exists
+    assert (ds.rank, ds.world_size) == (0, 1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    xs, ys = zip(*list(ds))
+    # a spawned worker unpickles the dataset in a process without the process group
+    spawned = [x for x, _ in DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")]
+    torch.save({"x": torch.cat(xs), "y": torch.cat(ys), "rank": ds.rank, "world": ds.world_size,
+                "epoch_size": ds.epoch_size, "len": len(ds), "sizes": [len(x) for x in xs],
+                "spawned": torch.cat(spawned)}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_a_dataset_built_before_init_process_group_uses_the_final_world_size(make_d3, tmp_path) -> None:
+    """The default epoch size depends on the world size (whole rounds that fill one batch on every
+    rank). It is resolved when the stream is used, like the rank, so building the dataset before
+    `init_process_group` gives the same epoch and shards as building it after; a DataLoader worker
+    started by spawn (no process group of its own) draws its rank's shard too."""
+    path = str(tmp_path / "f.d3")
+    save(make_d3("small", num_classes=4, k=2), path)  # a mixed round: 2 * 4 * 2 = 16 samples
+    init = f"file://{tmp_path / 'rendezvous'}"
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILT_BEFORE_INIT, path, str(r), "2", init, outs[r]],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    for p in procs:
+        output, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, output.decode()[-2000:]
+    got = [torch.load(o) for o in outs]
+    # 2 ranks x batch 10 need 20 samples: two rounds (32), 16 per rank, batches of 10 and 6
+    # (a world size frozen at construction, 1, gives one round: 8 per rank in one batch of 8)
+    assert [(g["rank"], g["world"], g["epoch_size"], g["len"], g["sizes"]) for g in got] == \
+        [(0, 2, 32, 2, [10, 6]), (1, 2, 32, 2, [10, 6])]
+    for r, g in enumerate(got):  # exactly what an explicit rank and world size draw
+        ref = D3Dataset(path, batch_size=10, seed=11, labels="hard", rank=r, world_size=2)
+        x, y = (torch.cat(t) for t in zip(*list(ref)))
+        assert torch.allclose(g["x"], x, atol=1e-5) and torch.equal(g["y"], y)
+        assert torch.equal(g["spawned"], g["x"]), f"rank {r}'s spawned DataLoader worker drew another shard"
+
+
 def test_explicit_rank_pads_the_last_shard_like_distributed_sampler(make_d3) -> None:
     d3 = make_d3("small", num_classes=5, k=1)  # 10 samples per epoch over 3 ranks: shards of 4
     full = D3Dataset(d3, batch_size=4, seed=0, labels="hard")
