@@ -74,14 +74,30 @@ class Draw:
 class D3Dataset(IterableDataset):
     """Training batches `(images, labels)` decoded on `device` from a `.d3` file (path or `D3File`).
 
+    Iterating yields one epoch of this rank's batches (forever with `endless=True`). The stream is
+    fixed by the seed: the same arguments draw the same batches in every run, and ranks given the
+    same seed split one stream into disjoint parts (no sampler needed).
+
+    Training for a fixed number of optimizer steps: pass `endless=True` and
+    `epoch_size=batch_size * world_size` (`batch_size` in one process), and stop after N batches:
+
+        ds = D3Dataset(path, batch_size=256, epoch_size=256, endless=True, augment=True)
+        for step, (images, labels) in zip(range(num_steps), ds):
+            ...
+
+    Every epoch is then exactly one full batch per rank, and consecutive epochs walk through every
+    component of every class in turn (see the module docstring), so no step gets a short batch and
+    no sample is skipped. The default epoch (whole rounds) usually ends in a smaller batch, and
+    `drop_last=True` would drop those samples instead.
+
     Args:
         batch_size: samples per batch (the last batch of an epoch may be smaller unless `drop_last`).
         seed: fixes the whole stream (with epoch, batch size, device).
         mode: "mixed" (mean images and random draws, as the paper evaluates), "random" or "mean".
         class_weights: N non-negative weights: classes are drawn with these probabilities instead
             of balanced rounds.
-        epoch_size: samples per epoch (default: one round, 2 N K for mixed and N K otherwise, or
-            the fewest whole rounds that fill `batch_size` samples on each rank).
+        epoch_size: samples per epoch over all ranks (default: one round, 2 N K for mixed and N K
+            otherwise, or the fewest whole rounds that fill `batch_size` samples on each rank).
         endless: iterate forever (epoch after epoch from the current one) instead of one epoch.
         augment: True for DSA (`d3codec.augment.DSA()`), or any `aug(x, generator) -> x`.
         denormalize: images in [0, 1] instead of the file's `(p - mean) / std`.
@@ -91,6 +107,21 @@ class D3Dataset(IterableDataset):
         channels_last, compile, fold_bn, stem_matmul: speed options of `Renderer` (channels-last and
             BatchNorm folding on by default, the stem as matmuls on CPU; compile off).
         rank, world_size: override what `torch.distributed` says.
+
+    Attributes:
+        d3: the loaded `D3File` (the one passed in, or loaded from the path). Its `metadata` has
+            what a training script needs besides batches: `num_classes`, `class_names`,
+            `image_shape` (C, H, W) for the network, `mean` and `std` to normalise real test
+            images into the pixel space the batches are in; `labels.kind` says whether labels
+            are soft or hard.
+        source: the path the file was loaded from (None when a `D3File` was passed).
+        num_classes: N, the classes of the file (and the width of soft labels).
+        batch_size, seed, mode, device: as passed (the device as a `torch.device`).
+        epoch: the epoch the next iteration starts at (change it with `set_epoch`).
+        epoch_size, rank, world_size, shard_size: the epoch over all ranks and this rank's part of
+            it (properties; the defaults follow `torch.distributed` when read, see above).
+
+    Other attributes are implementation details.
     """
 
     def __init__(self, source: Union[str, os.PathLike, D3File], batch_size: int = 256,

@@ -22,3 +22,20 @@ def test_epochs_shorter_than_a_round_still_cover_every_component_in_turn(make_d3
         e += 1
     seen = Counter(keys[:4 * ds.round])
     assert len(seen) == ds.round and set(seen.values()) == {4}
+
+
+def test_the_step_based_pattern_gives_full_batches_that_cover_every_component(make_d3) -> None:
+    """What D3Dataset's docstring recommends for N optimizer steps: `epoch_size=batch_size,
+    endless=True`. Every batch is full, and 3 rounds' worth of steps draw every slot 3 times."""
+    from d3codec.decode.dataset import D3Dataset
+
+    d3 = make_d3("small", num_classes=4, k=2)  # a mixed round: 16 slots; batches of 12 are not a round
+    ds = D3Dataset(d3, batch_size=12, epoch_size=12, endless=True, seed=3, labels="hard")
+    batches = [x for _, (x, _) in zip(range(4), ds)]
+    assert [len(x) for x in batches] == [12] * 4
+    keys = []
+    for e in range(4):  # the same positions the four batches were drawn from
+        draw = ds.latents(0, 12, e)
+        keys += list(zip(draw.classes.tolist(), draw.comps.tolist(), draw.random.tolist()))
+    seen = Counter(keys)
+    assert len(seen) == ds.round == 16 and set(seen.values()) == {3}

@@ -128,6 +128,18 @@ def test_default_epoch_is_whole_rounds_filling_a_batch(make_d3) -> None:
     assert D3Dataset(d3, batch_size=40, mode="random").epoch_size == 40
 
 
+def test_documented_attributes(make_d3, tmp_path) -> None:
+    d3 = make_d3("small", num_classes=4, k=2)
+    ds = D3Dataset(d3, batch_size=10, seed=5)
+    assert ds.d3 is d3 and ds.source is None and ds.num_classes == d3.metadata.num_classes == 4
+    assert (ds.batch_size, ds.seed, ds.mode, ds.device, ds.epoch) == (10, 5, "mixed", torch.device("cpu"), 0)
+    assert (ds.epoch_size, ds.rank, ds.world_size, ds.shard_size) == (16, 0, 1, 16)
+    path = tmp_path / "f.d3"
+    save(d3, path)
+    loaded = D3Dataset(path)
+    assert loaded.source == str(path) and loaded.d3.metadata == d3.metadata
+
+
 def test_rank_and_world_size_are_checked(make_d3) -> None:
     d3 = make_d3("small")
     for bad in ({"world_size": 0}, {"world_size": True}, {"rank": -1}, {"rank": 1.0}):
