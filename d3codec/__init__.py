@@ -5,6 +5,9 @@ Public surface (imports are lazy, so `import d3codec` stays light):
 - `load(path) -> D3File`, `save(d3file, path, budget=...)`: the `.d3` format.
 - `D3Dataset(path, batch_size=..., device=..., seed=...)`: training batches from a file.
 - `D3Error`, `D3FormatError`: what bad input raises.
+
+`d3codec.models.ConvNet` is the classifier `d3codec eval` and `examples/` train on a file (that
+import loads torch; `import d3codec` alone does not).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import d3codec
 from d3codec.data import normalize_uint8, open_dataset
-from d3codec.models.convnet import ConvNet
+from d3codec.models import ConvNet
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

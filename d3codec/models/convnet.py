@@ -25,7 +25,21 @@ def convnet_depth(resolution: int) -> int:
 
 
 class ConvNet(nn.Module):
-    """Conv-InstanceNorm-ReLU-AvgPool x depth, then Linear. Input [B, C, H, W] -> logits [B, classes]."""
+    """Conv-InstanceNorm-ReLU-AvgPool x depth, then Linear. Input [B, C, H, W] -> logits [B, classes].
+
+    The standard evaluation network of dataset distillation, so accuracies of networks trained on
+    `.d3` files compare with the literature's. For a file: `ConvNet(C, num_classes, (H, W))` with
+    `(C, H, W) = d3.metadata.image_shape`.
+
+    Args:
+        in_channels: C of the input images.
+        num_classes: outputs (logits) per image.
+        image_size: (H, W), or one int for square images; sets the default depth and the size of
+            the final linear layer.
+        width: channels of every convolution (128 in the literature).
+        depth: blocks (default: `convnet_depth(min(H, W))`, so the last feature map is about 4 px).
+        norm: "instance" (GroupNorm with one group per channel, affine) or "none".
+    """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int] | int,
                  width: int = 128, depth: Optional[int] = None, norm: str = "instance") -> None:
@@ -56,6 +70,7 @@ class ConvNet(nn.Module):
         return self.features_net(x).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_classes]."""
         return self.classifier(self.features(x))
 
 
