@@ -24,7 +24,8 @@ _LAZY = {
     "D3Dataset": ("d3codec.decode.dataset", "D3Dataset"),
 }
 
-__all__ = ["__version__", "D3Error", *_LAZY]
+# Spelled out (not `*_LAZY`) so linters and IDEs see the names; `_LAZY` must list the same ones.
+__all__ = ["__version__", "D3Error", "load", "save", "D3File", "D3FormatError", "D3Dataset"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from d3codec.decode.dataset import D3Dataset

@@ -14,6 +14,13 @@ def test_import_d3codec_loads_neither_torch_nor_the_models() -> None:
     assert out.split() == ["False", "False"]
 
 
+def test_top_level_all_names_every_lazy_export() -> None:
+    import d3codec
+
+    assert set(d3codec.__all__) == {"__version__", "D3Error", *d3codec._LAZY}
+    assert all(getattr(d3codec, name) is not None for name in d3codec.__all__)
+
+
 def test_convnet_is_exported_and_builds_from_a_files_shape() -> None:
     import d3codec.models
     from d3codec.models import ConvNet
