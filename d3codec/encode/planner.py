@@ -8,7 +8,9 @@ margin. `encode` checks the real size before writing and keeps fewer components 
 is over (`encode.fitting`); where the strict shape-only bound (`format.io.size_upper_bound`) is
 smaller, it is used and the fit is guaranteed.
 A share of the bytes goes to components (latents with soft labels), the rest to the widest decoder
-that fits; then more components fill what the decoder's width steps leave.
+that fits; then more components fill what the decoder's width steps leave. Where K is capped (every
+class has as many components as real images, or `MAX_LATENTS_PER_CLASS`), D doubles into the bytes
+still left.
 """
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ WEIGHT_DTYPES = ("I8", "F16", "F32")
 COMPONENT_SHARE = 0.3
 #: Most latent components per class the planner chooses.
 MAX_LATENTS_PER_CLASS = 500
+#: Where K is at its cap and bytes are left, D doubles, up to this many times the default D, while
+#: the decoder keeps at least `MIN_WIDTH_KEPT` of its width: a longer code per component draws its
+#: real image more sharply (CIFAR-10 10ipc: RESULTS.md, "Quality, session 5").
+MAX_LATENT_DIM_GROWTH = 4
+MIN_WIDTH_KEPT = 0.75
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "I8": 1}
 #: Tensors smaller than this are stored as F16 even when weights are I8 (scales would cost more).
 MIN_QUANT_NUMEL = 64
@@ -282,6 +289,25 @@ def _widest(attempt: Callable[[int], Optional[Plan]], widths: Sequence[int]) -> 
     return best
 
 
+def _grow_latent_dim(base: Plan, d0: int, cap: int, plan_at: Callable[[int], Plan]) -> Plan:
+    """`base` (planned at the default D), or the plan with the largest doubled D that keeps K at
+    its cap `cap`, the decoder at least `MIN_WIDTH_KEPT` as wide, and spends no fewer bytes: once
+    every class has all the components it can use, the bytes left buy longer codes."""
+    best = base
+    if base.latents_per_class < cap:
+        return best
+    d = 2 * d0
+    while d <= MAX_LATENT_DIM_GROWTH * d0:
+        try:
+            plan = plan_at(d)
+        except BudgetError:
+            break
+        if plan.hparams["width"] < MIN_WIDTH_KEPT * base.hparams["width"] or plan.bound < best.bound:
+            break  # a narrower step gives up more decoder bytes than the code gains
+        best, d = plan, 2 * d
+    return best
+
+
 def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequence[int]] = None,
                 provenance: Optional[dict[str, Any]] = None, latents_per_class: Optional[int] = None,
                 latent_dim: Optional[int] = None, width: Optional[int] = None, weight_dtype: str = "I8",
@@ -293,12 +319,22 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     `classes` are the (global) class ids this file draws (default: all). Fixed choices
     (`latents_per_class`, `latent_dim`, `width`) are honoured; the others are searched: D from the
     image size, K from `COMPONENT_SHARE` of the budget, the widest decoder in the rest, then K
-    raised to fill what the decoder's width steps leave. `provenance` must be the one the file
+    raised to fill what the decoder's width steps leave, then (K at its cap) D doubled while that
+    spends more of the budget (`_grow_latent_dim`). `provenance` must be the one the file
     will carry (it counts in the header). `constant_logvar`: the encoder stores one log-variance
     value throughout (it does not train them), so they take almost no bytes.
     `max_latents_per_class` caps the chosen K (the encoder passes the smallest class's image count:
     more components than real images would only repeat them).
     """
+    if latent_dim is None and latents_per_class is None:
+        fixed = dict(classes=classes, provenance=provenance, width=width, weight_dtype=weight_dtype,
+                     latent_dtype=latent_dtype, labels=labels, family=family, version=version, norm=norm,
+                     constant_logvar=constant_logvar, max_latents_per_class=max_latents_per_class)
+        d0 = default_latent_dim(metadata.image_shape)
+        base = plan_budget(metadata, budget, latent_dim=d0, **fixed)
+        return _grow_latent_dim(base, d0, max(1, min(MAX_LATENTS_PER_CLASS, max_latents_per_class)),
+                                lambda d: plan_budget(metadata, budget, latent_dim=d,
+                                                      latents_per_class=base.latents_per_class, **fixed))
     if weight_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     if latent_dtype not in WEIGHT_DTYPES:

@@ -113,3 +113,21 @@ def test_components_never_outnumber_the_real_images_of_a_class() -> None:
     metadata = _metadata(10, (1, 28, 28))
     plan = plan_budget(metadata, parse_budget("10ipc", 10, (1, 28, 28)), max_latents_per_class=4)
     assert plan.latents_per_class == 4  # 10ipc would buy far more than 4 components per class
+
+
+def test_bytes_left_at_the_component_cap_buy_a_longer_code() -> None:
+    from d3codec.encode.planner import MAX_LATENT_DIM_GROWTH, MIN_WIDTH_KEPT, default_latent_dim
+
+    metadata = _metadata(10, (3, 16, 16))
+    budget = parse_budget("10ipc", 10, (3, 16, 16))
+    d0 = default_latent_dim(metadata.image_shape)
+    base = plan_budget(metadata, budget, max_latents_per_class=100, latent_dim=d0)
+    grown = plan_budget(metadata, budget, max_latents_per_class=100)
+    assert base.latents_per_class == grown.latents_per_class == 100  # capped: the classes hold 100 images
+    assert d0 < grown.latent_dim <= MAX_LATENT_DIM_GROWTH * d0
+    assert grown.hparams["width"] >= MIN_WIDTH_KEPT * base.hparams["width"]
+    assert base.bound < grown.bound <= budget.bytes  # the longer code spends bytes the base plan left
+    # Below the cap, D stays the image size's default: the bytes go to more components. Nor does D
+    # grow where the next narrower decoder would give up more bytes than the longer code takes.
+    assert plan_budget(metadata, parse_budget("1ipc", 10, (3, 16, 16))).latent_dim == d0
+    assert plan_budget(metadata, budget, max_latents_per_class=20).latent_dim == d0
