@@ -25,17 +25,22 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_draw_disjoint_shards_covering_the_epoch(make_d3, tmp_path) -> None:
-    path = str(tmp_path / "f.d3")
-    save(make_d3("small", num_classes=5, k=2), path)  # epoch: 2 * 5 * 2 = 20 samples, 10 per rank
+def _two_ranks(script: str, path: str, tmp_path) -> list[dict]:
+    """Run `script` as ranks 0 and 1 of a 2-process gloo group (file rendezvous); their saved results."""
     init = f"file://{tmp_path / 'rendezvous'}"
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, path, str(r), "2", init, outs[r]],
+    procs = [subprocess.Popen([sys.executable, "-c", script, path, str(r), "2", init, outs[r]],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     for p in procs:
         output, _ = p.communicate(timeout=120)
         assert p.returncode == 0, output.decode()[-2000:]
-    got = [torch.load(o) for o in outs]
+    return [torch.load(o) for o in outs]
+
+
+def test_two_ranks_draw_disjoint_shards_covering_the_epoch(make_d3, tmp_path) -> None:
+    path = str(tmp_path / "f.d3")
+    save(make_d3("small", num_classes=5, k=2), path)  # epoch: 2 * 5 * 2 = 20 samples, 10 per rank
+    got = _two_ranks(_WORKER, path, tmp_path)
     assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
 
     single = D3Dataset(path, batch_size=4, seed=11, labels="hard")
@@ -75,14 +80,7 @@ def test_a_dataset_built_before_init_process_group_uses_the_final_world_size(mak
     started by spawn (no process group of its own) draws its rank's shard too."""
     path = str(tmp_path / "f.d3")
     save(make_d3("small", num_classes=4, k=2), path)  # a mixed round: 2 * 4 * 2 = 16 samples
-    init = f"file://{tmp_path / 'rendezvous'}"
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILT_BEFORE_INIT, path, str(r), "2", init, outs[r]],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    for p in procs:
-        output, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, output.decode()[-2000:]
-    got = [torch.load(o) for o in outs]
+    got = _two_ranks(_BUILT_BEFORE_INIT, path, tmp_path)
     # 2 ranks x batch 10 need 20 samples: two rounds (32), 16 per rank, batches of 10 and 6
     # (a world size frozen at construction, 1, gives one round: 8 per rank in one batch of 8)
     assert [(g["rank"], g["world"], g["epoch_size"], g["len"], g["sizes"]) for g in got] == \
