@@ -222,7 +222,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                         labels=resolve_labels(options.labels, n_ep, len(dataset)),
-                        max_latents_per_class=max(1, int(counts.min())))
+                        constant_logvar=not cfg.learn_logvar, max_latents_per_class=max(1, int(counts.min())))
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
                                                    "seed": derive_seed(options.seed, "federated-teacher")}

@@ -72,6 +72,19 @@ def test_merged_file_bound_fits_the_budget(digits, budget: str, subtasks: int) -
         assert size_upper_bound(placeholder) == fplan.bound
 
 
+
+def test_merged_file_has_the_components_and_code_length_of_the_single_task_plan(digits) -> None:
+    """The merged file's K and D are what one encode of all classes would plan, counting the bytes
+    the same way (the CPU defaults keep log-variances constant, so they compress away)."""
+    from d3codec.encode.api import plan_for
+
+    options = EncodeOptions(iterations=2)
+    single = plan_for(digits, "10ipc", options)[0]
+    fplan = plan_federated(digits, "10ipc", options, 2)
+    (k, d), = {(p.latents_per_class, p.latent_dim) for p in fplan.plans}
+    assert d == single.latent_dim
+    assert abs(k - single.latents_per_class) <= 0.05 * single.latents_per_class  # headers differ slightly
+
 def test_impossible_budget_and_bad_combinations_are_clear_errors(digits) -> None:
     with pytest.raises(BudgetError, match="too small for 3 subtasks"):
         plan_federated(digits, "1ipc", EncodeOptions(), 3)
