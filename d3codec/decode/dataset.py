@@ -220,18 +220,23 @@ class D3Dataset(IterableDataset):
         """Ranks sharing the stream: `world_size` if given, else `torch.distributed`'s (1 without one)."""
         return self._world if self._world is not None else _dist_rank_world()[1]
 
+    def _sizes(self, world: int) -> tuple[int, int]:
+        """(epoch size, shard size) with `world` ranks: `epoch_size` if given, else the fewest whole
+        rounds that fill one batch on each rank; each rank draws ceil(epoch size / world)."""
+        size = self._epoch_size if self._epoch_size is not None else \
+            self.round * math.ceil(self.batch_size * world / self.round)
+        return size, math.ceil(size / world)
+
     @property
     def epoch_size(self) -> int:
         """Positions per epoch over all ranks: `epoch_size` if given, else the fewest whole rounds
         that fill one batch on each of the `world_size` ranks (so it follows the world size)."""
-        if self._epoch_size is not None:
-            return self._epoch_size
-        return self.round * math.ceil(self.batch_size * self.world_size / self.round)
+        return self._sizes(self.world_size)[0]
 
     @property
     def shard_size(self) -> int:
         """Samples this rank draws per epoch (ceil(epoch_size / world_size))."""
-        return math.ceil(self.epoch_size / self.world_size)
+        return self._sizes(self.world_size)[1]
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (not defined for endless streams)."""
@@ -338,7 +343,7 @@ class D3Dataset(IterableDataset):
 
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_world()
-        shard = math.ceil(self.epoch_size / world)
+        shard = self._sizes(world)[1]
         begin = rank * shard
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
