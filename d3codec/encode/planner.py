@@ -289,6 +289,11 @@ def _widest(attempt: Callable[[int], Optional[Plan]], widths: Sequence[int]) -> 
     return best
 
 
+def _k_cap(max_latents_per_class: int) -> int:
+    """The most components per class a plan takes: `MAX_LATENTS_PER_CLASS`, or fewer real images."""
+    return max(1, min(MAX_LATENTS_PER_CLASS, max_latents_per_class))
+
+
 def _grow_latent_dim(base: Plan, d0: int, cap: int, plan_at: Callable[[int], Plan]) -> Plan:
     """`base` (planned at the default D), or the plan with the largest doubled D that keeps K at
     its cap `cap`, the decoder at least `MIN_WIDTH_KEPT` as wide, and spends no fewer bytes: once
@@ -332,7 +337,7 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
                      constant_logvar=constant_logvar, max_latents_per_class=max_latents_per_class)
         d0 = default_latent_dim(metadata.image_shape)
         base = plan_budget(metadata, budget, latent_dim=d0, **fixed)
-        return _grow_latent_dim(base, d0, max(1, min(MAX_LATENTS_PER_CLASS, max_latents_per_class)),
+        return _grow_latent_dim(base, d0, _k_cap(max_latents_per_class),
                                 lambda d: plan_budget(metadata, budget, latent_dim=d,
                                                       latents_per_class=base.latents_per_class, **fixed))
     if weight_dtype not in WEIGHT_DTYPES:
@@ -373,7 +378,7 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     soft = _label_choice_per_component(d, latent_dtype, metadata.num_classes, labels)
     label_options = [soft] + ([LabelStorage("hard")] if labels == "auto" and soft.kind != "hard" else [])
     for lab in label_options:  # soft labels at any width before hard ones
-        cap = max(1, min(MAX_LATENTS_PER_CLASS, max_latents_per_class))
+        cap = _k_cap(max_latents_per_class)
         k0 = latents_per_class or min(cap, default_latents_per_class(budget, n, d, latent_dtype,
                                                                      _label_bytes(lab, metadata.num_classes)))
         ks = [k0] if latents_per_class else sorted({max(1, k0 >> i) for i in range(12)}, reverse=True)
