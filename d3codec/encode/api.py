@@ -115,7 +115,9 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
-    labels = resolve_labels(options.labels, experts[1], len(real))
+    from d3codec.encode.experts import ExpertConfig
+
+    labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
     max_k = _smallest_class(real)
 
     def plan_with(cfg: DistillConfig) -> tuple[Plan, dict[str, Any]]:

@@ -206,6 +206,7 @@ def _run_key(dataset: Any, budget: Budget, split: str, groups: list[list[int]], 
 def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions, subtasks: int,
                    split: str = "contiguous", data: Optional[DataSpec] = None) -> FederatedPlan:
     """The whole run's plan (see the module docstring); `BudgetError` when the parts cannot fit."""
+    from d3codec.encode.experts import ExpertConfig
     from d3codec.format.budget import parse_budget
     from d3codec.format.io import size_upper_bound
 
@@ -221,7 +222,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     # K, D and label storage of the merged file: what the single-task plan of all classes picks.
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
-                        labels=resolve_labels(options.labels, n_ep, len(dataset)),
+                        labels=resolve_labels(options.labels, n_ep, len(dataset), ExpertConfig.batch_size),
                         constant_logvar=not cfg.learn_logvar, max_latents_per_class=max(1, int(counts.min())))
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,

@@ -87,9 +87,10 @@ def teacher_probs_of_batches(teacher: Callable[[torch.Tensor], torch.Tensor], ba
     return torch.cat(out).reshape(n, k, -1)
 
 
-def resolve_labels(labels: str, teacher_epochs: int, train_images: int, batch_size: int = 256) -> str:
+def resolve_labels(labels: str, teacher_epochs: int, train_images: int, batch_size: int) -> str:
     """`--labels auto` made concrete: `auto` (soft, hard only where soft cannot fit) when the teacher
-    trains for at least `MIN_TEACHER_STEPS` SGD steps, else `hard`; `soft` and `hard` stay as given."""
+    trains for at least `MIN_TEACHER_STEPS` SGD steps of `batch_size` (the experts' batch), else
+    `hard`; `soft` and `hard` stay as given."""
     if labels != "auto":
         return labels
     steps = teacher_epochs * math.ceil(train_images / batch_size)

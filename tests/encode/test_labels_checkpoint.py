@@ -71,8 +71,8 @@ def test_damaged_checkpoint_is_a_config_error(tmp_path) -> None:
 
 
 def test_auto_labels_are_soft_only_for_a_long_trained_teacher() -> None:
-    assert resolve_labels("auto", teacher_epochs=1, train_images=45000) == "hard"  # CPU default: 176 steps
-    assert resolve_labels("auto", teacher_epochs=50, train_images=45000) == "auto"  # the paper's experts
-    assert resolve_labels("auto", teacher_epochs=MIN_TEACHER_STEPS, train_images=256) == "auto"
-    assert resolve_labels("auto", teacher_epochs=MIN_TEACHER_STEPS - 1, train_images=256) == "hard"
-    assert resolve_labels("soft", 1, 100) == "soft" and resolve_labels("hard", 100, 10**6) == "hard"
+    assert resolve_labels("auto", teacher_epochs=1, train_images=45000, batch_size=256) == "hard"  # CPU default: 176 steps
+    assert resolve_labels("auto", teacher_epochs=50, train_images=45000, batch_size=256) == "auto"  # the paper's experts
+    assert resolve_labels("auto", teacher_epochs=MIN_TEACHER_STEPS, train_images=256, batch_size=256) == "auto"
+    assert resolve_labels("auto", teacher_epochs=MIN_TEACHER_STEPS - 1, train_images=256, batch_size=256) == "hard"
+    assert resolve_labels("soft", 1, 100, 256) == "soft" and resolve_labels("hard", 100, 10**6, 256) == "hard"
