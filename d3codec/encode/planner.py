@@ -2,18 +2,20 @@
 
 It picks the decoder (family and width), K latent components per class, latent dimension D, the storage
 dtype of every tensor and the label storage, so that the finished file fits: its size is estimated on
-a placeholder file of exactly the planned names, dtypes, shapes, metadata and provenance, with every
-tensor value counted raw (trained values may not compress) and the headers as they compress, plus a
-margin. `encode` checks the real size before writing and keeps fewer components in the rare case it
-is over (`encode.fitting`); where the strict shape-only bound (`format.io.size_upper_bound`) is
-smaller, it is used and the fit is guaranteed.
+a placeholder file of exactly the planned names, dtypes, shapes, metadata and provenance, with
+decoder weights and latent codes compressed as Gaussian values compress (trained ones compress at
+least as well: `estimate_trained_size`), soft labels counted raw and the headers as they compress,
+plus a margin. `encode` checks the real size before writing and keeps fewer components in the rare
+case it is over (`encode.fitting`); where the strict shape-only bound (`format.io.size_upper_bound`)
+is smaller, it is used and the fit is guaranteed.
 A share of the bytes goes to components (latents with soft labels), the rest to the widest decoder
 that fits; then more components fill what the decoder's width steps leave. Where K is capped (every
-class has as many components as real images, or `MAX_LATENTS_PER_CLASS`), D doubles into the bytes
-still left.
+class has as many components as real images, or `MAX_LATENTS_PER_CLASS`), D doubles while the
+decoder keeps half its width.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
@@ -25,18 +27,19 @@ from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
 
 #: Decoder widths (channels of the first feature map) the planner tries, widest first.
-WIDTHS: tuple[int, ...] = (512, 448, 384, 320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 36, 32, 28, 24, 20, 16, 12, 10, 8, 6, 4)
+WIDTHS: tuple[int, ...] = (512, 480, 448, 416, 384, 352, 320, 288, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 36, 32, 28, 24, 20, 16, 12, 10, 8, 6, 4)
 #: Storage dtypes of decoder weights a user may force (`--weights-dtype`); the planner default is I8.
 WEIGHT_DTYPES = ("I8", "F16", "F32")
 #: Share of the budget the components (latents and their labels) take by default; the decoder gets the rest.
 COMPONENT_SHARE = 0.3
 #: Most latent components per class the planner chooses.
 MAX_LATENTS_PER_CLASS = 500
-#: Where K is at its cap and bytes are left, D doubles, up to this many times the default D, while
-#: the decoder keeps at least `MIN_WIDTH_KEPT` of its width: a longer code per component draws its
-#: real image more sharply (CIFAR-10 10ipc: RESULTS.md, "Quality, session 5").
+#: Where K is at its cap, D doubles, up to this many times the default D, while the widest decoder
+#: that still fits keeps at least `MIN_WIDTH_KEPT` of the default D's width: on CIFAR-10 10ipc each
+#: doubling of D sharpened the fit by about 1.7 dB and halving the decoder's width cost about 0.5 dB
+#: (RESULTS.md, "Quality, session 5" and "session 6").
 MAX_LATENT_DIM_GROWTH = 4
-MIN_WIDTH_KEPT = 0.75
+MIN_WIDTH_KEPT = 0.5
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "I8": 1}
 #: Tensors smaller than this are stored as F16 even when weights are I8 (scales would cost more).
 MIN_QUANT_NUMEL = 64
@@ -186,25 +189,72 @@ def _decoder_bytes(family: str, version: int, hparams: dict[str, Any], weight_dt
 def _estimate(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
               weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
               provenance: dict[str, Any], budget: Budget, constant_logvar: bool = False) -> int:
-    """Size estimate for budgets the strict bound cannot serve: every tensor value counted raw (no
-    compression credit: trained values may not compress), only the value-independent parts (JSON
-    header, safetensors headers) compressed, as measured on an all-zero placeholder; plus the
-    widest JSON form of every quantisation scale and zero point, per-section zstd overhead and a
-    1% + 64 byte margin. With `constant_logvar` (the encoder keeps every log-variance at one value)
-    the log-variances count as compressed."""
-    from d3codec.format.io import encoded_size
-
+    """Size estimate for budgets the strict bound cannot serve: `estimate_trained_size` of the
+    planned layout. With `constant_logvar` (the encoder keeps every log-variance at one value) the
+    log-variances compress away."""
     d3, _ = _placeholder(metadata, family, version, hparams, k, d, weight_dtype, latent_dtype, labels, classes,
                          provenance, budget, zeros=True)
-    # A log-variance the encoder never trains is one value repeated: it compresses like the zeros.
-    logvar = [] if constant_logvar else [d3.priors.logvar]
-    stored = [*d3.decoders[0].weights.values(), d3.priors.mean, *logvar,
-              *(s for s in (d3.labels.probs, d3.labels.indices, d3.labels.values) if s is not None)]
-    payload = sum(s.nbytes for s in stored)
-    slack = sum(18 * len(s.scale or ()) + 4 * len(s.zero_point or ()) for s in stored)
-    sections = 2 + len(d3.decoders)
-    overhead = sections * 32 + 3 * (payload // (128 * 1024) + sections)
-    size = encoded_size(d3) + payload + slack + overhead
+    return estimate_trained_size(d3, skip=[d3.priors.logvar] if constant_logvar else [])
+
+
+#: Float tensors with fewer values count raw in the estimate (zstd's tables would cost more than they save).
+_MODEL_MIN_NUMEL = 4096
+#: Most values drawn to measure how one tensor compresses (larger tensors are sampled: conservative,
+#: as a per-tensor quantisation range only widens with more values).
+_MODEL_SAMPLE = 1 << 20
+
+
+@functools.lru_cache(maxsize=1024)
+def _gaussian_ratio(dtype: str, axis: Optional[int], shape: tuple[int, ...], level: int) -> float:
+    """Compressed / raw bytes of Gaussian values stored as `dtype` (quantised along `axis` as the real
+    tensor is) in `shape`, measured with the writer's zstd on at most `_MODEL_SAMPLE` values."""
+    from d3codec.format import _zstd
+
+    numel = math.prod(shape)
+    if axis == 0 and len(shape) > 1:  # whole channels, so each keeps its own quantisation range
+        sample: tuple[int, ...] = (max(1, min(shape[0], _MODEL_SAMPLE // max(1, numel // shape[0]))), *shape[1:])
+    else:
+        sample, axis = (min(numel, _MODEL_SAMPLE),), None
+    values = torch.randn(sample, generator=torch.Generator().manual_seed(0))
+    raw = Stored.encode(values, dtype, axis=axis).raw.contiguous().view(torch.uint8).numpy().tobytes()
+    return min(1.0, len(_zstd.compress(raw, level)) / len(raw))
+
+
+def estimate_trained_size(zeros: D3File, skip: Sequence[Optional[Stored]] = ()) -> int:
+    """Estimated size of the finished file laid out like `zeros` (a placeholder whose values are all
+    zero, so it measures headers and structure as they compress).
+
+    Decoder weights and latent codes count as Gaussian values put through the real quantisers and
+    the writer's zstd: trained ones compress at least as well in 8 of 9 trained files measured
+    (0.4-9.6% smaller, one MNIST file 0.9% larger; RESULTS.md, "Quality, session 6"); `encode` trims
+    components in the rare file that comes out over (`encode.fitting`). Soft labels and integer
+    tensors count raw; tensors in `skip` (one repeated value) as the zeros placeholder has them.
+    Plus the widest JSON form of every quantisation scale and zero point, per-section zstd
+    overhead and a 1% + 64 byte margin.
+    """
+    from d3codec.format.io import LEVEL_LARGE, LEVEL_SMALL, SMALL_SECTION, encoded_size
+
+    skipped = {id(s) for s in skip if s is not None}
+    p, lab = zeros.priors, zeros.labels
+    sections = [([getattr(p, f) for f in ("mean", "logvar", "factor", "cholesky", "weights")], True),
+                *((list(dec.weights.values()), True) for dec in zeros.decoders),
+                ([lab.probs, lab.indices, lab.values], False)]
+    payload = slack = 0
+    for tensors, modelled in sections:
+        present = [s for s in tensors if s is not None]
+        stored = [s for s in present if id(s) not in skipped]
+        raw = sum(s.nbytes for s in present)  # the writer picks the level from the whole section
+        level = LEVEL_SMALL if raw <= SMALL_SECTION else LEVEL_LARGE
+        for s in stored:
+            slack += 18 * len(s.scale or ()) + 4 * len(s.zero_point or ())
+            floating = s.quantized or s.raw.is_floating_point()
+            if modelled and floating and s.raw.numel() >= _MODEL_MIN_NUMEL:
+                payload += math.ceil(s.nbytes * _gaussian_ratio(s.dtype, s.axis, s.shape, level))
+            else:
+                payload += s.nbytes
+    count = len(sections)
+    overhead = count * 32 + 3 * (payload // (128 * 1024) + count)
+    size = encoded_size(zeros) + payload + slack + overhead
     return size + size // 100 + 64
 
 
@@ -213,8 +263,8 @@ def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bo
     is smaller (guaranteed then).
 
     The strict bound counts every header and per-tensor header raw and no compression at all, so it
-    leaves 10-25% of a typical budget unused; the estimate counts tensor values raw (trained values
-    may not compress) but headers as they compress. `encode` checks the real size before writing
+    leaves 10-25% of a typical budget unused; the estimate compresses decoder weights and latent
+    codes as Gaussian values compress (`estimate_trained_size`) and headers as they compress. `encode` checks the real size before writing
     and, in the rare case it is over, keeps fewer components (`encode.fitting`).
     """
     from d3codec.format.io import size_upper_bound
@@ -289,15 +339,15 @@ def _widest(attempt: Callable[[int], Optional[Plan]], widths: Sequence[int]) -> 
     return best
 
 
-def _k_cap(max_latents_per_class: int) -> int:
+def component_cap(max_latents_per_class: int) -> int:
     """The most components per class a plan takes: `MAX_LATENTS_PER_CLASS`, or fewer real images."""
     return max(1, min(MAX_LATENTS_PER_CLASS, max_latents_per_class))
 
 
 def _grow_latent_dim(base: Plan, d0: int, cap: int, plan_at: Callable[[int], Plan]) -> Plan:
     """`base` (planned at the default D), or the plan with the largest doubled D that keeps K at
-    its cap `cap`, the decoder at least `MIN_WIDTH_KEPT` as wide, and spends no fewer bytes: once
-    every class has all the components it can use, the bytes left buy longer codes."""
+    its cap `cap` and the decoder at least `MIN_WIDTH_KEPT` as wide: once every class has all the
+    components it can use, a longer code per component buys more sharpness than decoder width."""
     best = base
     if base.latents_per_class < cap:
         return best
@@ -307,8 +357,8 @@ def _grow_latent_dim(base: Plan, d0: int, cap: int, plan_at: Callable[[int], Pla
             plan = plan_at(d)
         except BudgetError:
             break
-        if plan.hparams["width"] < MIN_WIDTH_KEPT * base.hparams["width"] or plan.bound < best.bound:
-            break  # a narrower step gives up more decoder bytes than the code gains
+        if plan.hparams["width"] < MIN_WIDTH_KEPT * base.hparams["width"]:
+            break
         best, d = plan, 2 * d
     return best
 
@@ -324,8 +374,8 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     `classes` are the (global) class ids this file draws (default: all). Fixed choices
     (`latents_per_class`, `latent_dim`, `width`) are honoured; the others are searched: D from the
     image size, K from `COMPONENT_SHARE` of the budget, the widest decoder in the rest, then K
-    raised to fill what the decoder's width steps leave, then (K at its cap) D doubled while that
-    spends more of the budget (`_grow_latent_dim`). `provenance` must be the one the file
+    raised to fill what the decoder's width steps leave, then (K at its cap) D doubled while the decoder
+    keeps half its width (`_grow_latent_dim`). `provenance` must be the one the file
     will carry (it counts in the header). `constant_logvar`: the encoder stores one log-variance
     value throughout (it does not train them), so they take almost no bytes.
     `max_latents_per_class` caps the chosen K (the encoder passes the smallest class's image count:
@@ -337,7 +387,7 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
                      constant_logvar=constant_logvar, max_latents_per_class=max_latents_per_class)
         d0 = default_latent_dim(metadata.image_shape)
         base = plan_budget(metadata, budget, latent_dim=d0, **fixed)
-        return _grow_latent_dim(base, d0, _k_cap(max_latents_per_class),
+        return _grow_latent_dim(base, d0, component_cap(max_latents_per_class),
                                 lambda d: plan_budget(metadata, budget, latent_dim=d,
                                                       latents_per_class=base.latents_per_class, **fixed))
     if weight_dtype not in WEIGHT_DTYPES:
@@ -378,7 +428,7 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     soft = _label_choice_per_component(d, latent_dtype, metadata.num_classes, labels)
     label_options = [soft] + ([LabelStorage("hard")] if labels == "auto" and soft.kind != "hard" else [])
     for lab in label_options:  # soft labels at any width before hard ones
-        cap = _k_cap(max_latents_per_class)
+        cap = component_cap(max_latents_per_class)
         k0 = latents_per_class or min(cap, default_latents_per_class(budget, n, d, latent_dtype,
                                                                      _label_bytes(lab, metadata.num_classes)))
         ks = [k0] if latents_per_class else sorted({max(1, k0 >> i) for i in range(12)}, reverse=True)
