@@ -5,8 +5,9 @@ decoder, its share of the budget), in parallel on torch.distributed ranks, then 
 paper, or `balanced` by image count), each subtask's seed (derived from the global seed and the
 subtask index, never from a rank), K latents and dimension D shared by all subtasks (the merged
 priors are one [N, K, D] tensor), the label storage and teacher of the merged file, and the
-per-subtask byte share: budget / subtasks less the merged file's shared parts (header, soft
-labels), searched so that the merged file's strict size bound fits the budget.
+per-subtask byte share, searched up from budget / subtasks (each part carries a header the merged
+file holds once) so that the merged file's size estimate fits the budget; then K grows into what
+the parts' decoder width steps left. K and D start from the single-task plan of all classes.
 
 `encode_federated` runs it: serially, with `nproc` local processes, or under `torchrun` (ranks
 from RANK / WORLD_SIZE / LOCAL_RANK, a gloo group only for barriers). Task t (subtasks, then the
@@ -39,7 +40,7 @@ from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.labels import LabelStorage, resolve_labels
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
-from d3codec.encode.planner import Plan, plan_budget
+from d3codec.encode.planner import Plan, component_cap, estimate_trained_size, plan_budget
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File
 
@@ -163,7 +164,8 @@ class FederatedPlan:
         """The single-task `encode` options of subtask `index`."""
         return _subtask_options(self.options, self.groups[index], self.seeds[index],
                                 self.plans[0].latents_per_class if self.plans else None,
-                                self.plans[0].latent_dim if self.plans else None, self.record(index, share))
+                                self.plans[0].latent_dim if self.plans else None, self.record(index, share),
+                                self.plans[index].hparams["width"] if self.plans else None)
 
     def summary(self) -> str:
         b = self.budget
@@ -175,7 +177,8 @@ class FederatedPlan:
                  f"labels {self.labels.describe()}"
                  + (f" from a teacher over all classes ({self.teacher['experts']} expert x "
                     f"{self.teacher['epochs']} epochs)" if self.teacher else ""),
-                 f"each subtask: at most {self.share:,} bytes (budget / {self.subtasks} less the shared parts)"]
+                 f"each subtask: at most {self.share:,} bytes (a part's header and dataset reference are held once "
+                 "in the merged file)"]
         for i, (g, plan) in enumerate(zip(self.groups, self.plans)):
             parts = ", ".join(f"{k} {v:,}" for k, v in plan.breakdown.items())
             lines.append(f"  subtask {i}: classes {_ranges(g)} ({len(g)} classes, {self.images[i]:,} images); "
@@ -186,9 +189,10 @@ class FederatedPlan:
 
 
 def _subtask_options(options: EncodeOptions, classes: Sequence[int], seed: int, k: Optional[int], d: Optional[int],
-                     record: dict[str, Any]) -> EncodeOptions:
+                     record: dict[str, Any], width: Optional[int] = None) -> EncodeOptions:
     return replace(options, classes=list(classes), seed=seed, latents_per_class=k, latent_dim=d, labels="hard",
-                   dry_run=False, resume=True, extra_provenance={**options.extra_provenance, RECORD: record})
+                   width=width or options.width, dry_run=False, resume=True,
+                   extra_provenance={**options.extra_provenance, RECORD: record})
 
 
 def _run_key(dataset: Any, budget: Budget, split: str, groups: list[list[int]], seed: int, options: EncodeOptions,
@@ -228,21 +232,21 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
                                                    "seed": derive_seed(options.seed, "federated-teacher")}
     seeds = [subtask_seed(options.seed, i) for i in range(subtasks)]
-    run = _run_key(dataset, b, split, groups, options.seed, options, k, d, labels, teacher)
     merged_prov = {"encoder": f"d3codec {__version__}", "seed": options.seed, "objective": cfg.objective,
                    "iterations": cfg.iterations, "experts": [n_exp, n_ep],
                    "federated": {"subtasks": subtasks, "split": split, "teacher": teacher}}
     fplan = FederatedPlan(budget=b, split=split, groups=groups, seeds=seeds, share=b.bytes // subtasks, plans=[],
-                          labels=labels, teacher=teacher, run=run, merged_provenance=merged_prov, bound=0,
+                          labels=labels, teacher=teacher, run="0" * 32, merged_provenance=merged_prov, bound=0,
                           breakdown={}, guaranteed=True, num_classes=n,
                           images=[int(counts[g].sum()) for g in groups], data=data, options=options)
 
-    def plans_at(share: int) -> list[Plan]:
+    def plans_at(share: int, k: int = k, widths: Optional[list[int]] = None) -> list[Plan]:
         fplan.share = share
         part = fplan.planning_budget()
         out = []
         for i in range(subtasks):
-            sub = _subtask_options(options, groups[i], seeds[i], k, d, fplan.record(i, share))
+            sub = _subtask_options(options, groups[i], seeds[i], k, d, fplan.record(i, share),
+                                   widths[i] if widths else None)
             try:
                 out.append(plan_for(dataset, part, sub)[0])
             except BudgetError:
@@ -252,15 +256,18 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
         return out
 
     def merged_size(plans: list[Plan]) -> tuple[int, D3File, bool]:
-        """The strict bound when it fits or every part plan is guaranteed; else a compressed estimate."""
+        """The strict bound when it fits or every part plan is guaranteed; else the planner's estimate."""
         pairs = list(zip(groups, plans))
         placeholder = placeholder_merged(metadata, pairs, labels, merged_prov, b)
         bound = size_upper_bound(placeholder)
         if bound <= b.bytes or all(p.guaranteed for p in plans):
             return bound, placeholder, True
-        return _estimate(placeholder_merged(metadata, pairs, labels, merged_prov, b, random=True)), placeholder, False
+        zeros = placeholder_merged(metadata, pairs, labels, merged_prov, b, zeros=True)
+        skip = [zeros.priors.logvar] if not cfg.learn_logvar else []  # one repeated value: compresses away
+        return estimate_trained_size(zeros, skip), placeholder, False
 
-    share = cap = b.bytes // subtasks  # a part (its own header included) never takes more than budget / K
+    # From budget / subtasks up: each part carries a header the merged file holds once.
+    share, cap = b.bytes // subtasks, b.bytes
     best: Optional[tuple[int, list[Plan], int, D3File, bool]] = None
     for _ in range(_SEARCH_PASSES):
         plans = plans_at(share)
@@ -276,25 +283,34 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
             if best is not None:
                 break
             share -= max(1, math.ceil((size - b.bytes) / subtasks))
+    if options.latents_per_class is None:
+        # K was planned for one decoder: fit it to the parts' decoders, with more components where
+        # their width steps left bytes, or fewer where the merged file's own parts left too few.
+        share = best[0] if best else fplan.share
+        widths = [p.hparams["width"] for p in (best[1] if best else plans)]
+        lo, hi = (k, max(k, component_cap(int(counts.min())))) if best else (0, k - 1)
+        while lo < hi:  # the largest K in (lo, hi] that fits; lo fits already (or is 0)
+            mid = (lo + hi + 1) // 2
+            try:
+                trial = plans_at(share, mid, widths)
+            except BudgetError:
+                hi = mid - 1
+                continue
+            size, placeholder, strict = merged_size(trial)
+            if size <= b.bytes:
+                best, lo = (share, trial, size, placeholder, strict), mid
+            else:
+                hi = mid - 1
     if best is None:
         raise BudgetError(f"budget {b.bytes:,} bytes is too small for {subtasks} subtasks after their shared "
                           f"parts (merged header, labels); raise --budget or use fewer --subtasks")
+    # The run key once K is final (a hash of fixed length: the placeholder's held its place in every header).
+    fplan.run = _run_key(dataset, b, split, groups, options.seed, options, best[1][0].latents_per_class, d, labels,
+                         teacher)
     fplan.share, fplan.plans, fplan.bound, placeholder, fplan.guaranteed = best
     fplan.guaranteed = fplan.guaranteed and all(p.guaranteed for p in fplan.plans)
     fplan.breakdown = _merged_breakdown(placeholder, fplan.bound)
     return fplan
-
-
-def _estimate(d3: D3File) -> int:
-    """Compressed size of an incompressible-valued placeholder plus the widest JSON of every scale
-    and zero point, plus a 2% + 64 byte margin (as the planner estimates tiny files)."""
-    from d3codec.format.io import encoded_size
-
-    size = encoded_size(d3)
-    stored = [*(s for dec in d3.decoders for s in dec.weights.values()), d3.priors.mean, d3.priors.logvar,
-              *(s for s in (d3.labels.probs, d3.labels.values) if s is not None)]
-    slack = sum(18 * len(s.scale or ()) + 4 * len(s.zero_point or ()) for s in stored if s is not None)
-    return size + slack + size // 50 + 64
 
 
 def _merged_breakdown(d3: D3File, bound: int) -> dict[str, int]:

@@ -134,17 +134,16 @@ def merge_priors(parts: Sequence[tuple[Sequence[int], Priors]], num_classes: int
 
 
 def placeholder_merged(metadata: Metadata, subtasks: Sequence[tuple[Sequence[int], Plan]], labels: LabelStorage,
-                       provenance: dict[str, Any], budget: Budget, random: bool = False) -> D3File:
+                       provenance: dict[str, Any], budget: Budget, zeros: bool = False) -> D3File:
     """A merged file of the planned structure, for `size_upper_bound` (smooth values: only the
-    structure counts) or, with `random`, for a compressed-size estimate (incompressible values)."""
+    structure counts) or, with `zeros`, for `estimate_trained_size` (all-zero values)."""
     n = metadata.num_classes
     plan0 = subtasks[0][1]
     k, d = plan0.latents_per_class, plan0.latent_dim
-    gen = torch.Generator().manual_seed(0)
 
     def values(shape: Sequence[int]) -> torch.Tensor:
         count = math.prod(shape)
-        flat = torch.rand(count, generator=gen) * 2 - 1 if random else torch.linspace(-1, 1, count)
+        flat = torch.zeros(count) if zeros else torch.linspace(-1, 1, count)
         return flat.reshape(tuple(shape))
 
     decoders = []
@@ -154,12 +153,9 @@ def placeholder_merged(metadata: Metadata, subtasks: Sequence[tuple[Sequence[int
                  for name, (s, dt) in shapes.items()}
         decoders.append(DecoderEntry(plan.family, plan.version, plan.hparams, [int(c) for c in classes],
                                      store_decoder_state(state, plan.weight_dtype)))
-    lab = placeholder_labels(labels, n, k)
-    if random and labels.kind != "hard":
-        lab = store_labels(torch.softmax(values((n, k, n)) * 8, dim=-1), labels)
     z = values((n, k, d))
     return D3File(metadata=metadata, priors=store_priors(z, z, plan0.latent_dtype), decoders=decoders,
-                  labels=lab, budget=budget, provenance=provenance)
+                  labels=placeholder_labels(labels, n, k), budget=budget, provenance=provenance)
 
 
 # ---------------------------------------------------------------- checking parts
