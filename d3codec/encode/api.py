@@ -95,7 +95,7 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
     return prov
 
 
-def _smallest_class(real: Any) -> int:
+def smallest_class(real: Any) -> int:
     """Images in the smallest class of `real` (K above it would only repeat real images)."""
     return max(1, int(real.class_counts().min()))
 
@@ -118,7 +118,7 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     from d3codec.encode.experts import ExpertConfig
 
     labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
-    max_k = _smallest_class(real)
+    max_k = smallest_class(real)
 
     def plan_with(cfg: DistillConfig) -> tuple[Plan, dict[str, Any]]:
         prov = _provenance(options, cfg, classes, dataset, experts)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from d3codec._version import __version__
-from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for
+from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for, smallest_class
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.labels import LabelStorage, resolve_labels
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
@@ -227,7 +227,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                         labels=resolve_labels(options.labels, n_ep, len(dataset), ExpertConfig.batch_size),
-                        constant_logvar=not cfg.learn_logvar, max_latents_per_class=max(1, int(counts.min())))
+                        constant_logvar=not cfg.learn_logvar, max_latents_per_class=smallest_class(dataset))
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
                                                    "seed": derive_seed(options.seed, "federated-teacher")}
@@ -288,7 +288,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
         # their width steps left bytes, or fewer where the merged file's own parts left too few.
         share = best[0] if best else fplan.share
         widths = [p.hparams["width"] for p in (best[1] if best else plans)]
-        lo, hi = (k, max(k, component_cap(int(counts.min())))) if best else (0, k - 1)
+        lo, hi = (k, max(k, component_cap(smallest_class(dataset)))) if best else (0, k - 1)
         while lo < hi:  # the largest K in (lo, hi] that fits; lo fits already (or is 0)
             mid = (lo + hi + 1) // 2
             try:
