@@ -40,7 +40,8 @@ from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for, sm
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.labels import LabelStorage, resolve_labels
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
-from d3codec.encode.planner import Plan, component_cap, estimate_trained_size, plan_budget
+from d3codec.encode.planner import (Plan, component_cap, default_latents_per_class, estimate_trained_size, label_bytes,
+                                    plan_budget)
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File
 
@@ -157,7 +158,7 @@ class FederatedPlan:
         """The `federated` provenance record of part `index` (what `merge` reads)."""
         return {"run": self.run, "subtask": index, "subtasks": self.subtasks, "num_classes": self.num_classes,
                 "budget": asdict(self.budget), "share": self.share if share is None else share,
-                "labels": asdict(self.labels), "teacher": self.teacher, "guaranteed": self.guaranteed,
+                "labels": asdict(self.labels), "teacher": self.teacher,
                 "merged": self.merged_provenance}
 
     def subtask_options(self, index: int, share: Optional[int] = None) -> EncodeOptions:
@@ -223,20 +224,28 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     groups = split_classes(n, subtasks, split, counts.tolist())
     cfg = options.distill_config()
     n_exp, n_ep = options.expert_settings(cfg)
-    # K, D and label storage of the merged file: what the single-task plan of all classes picks.
+    # D and label storage of the merged file: what the single-task plan of all classes picks.
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                         labels=resolve_labels(options.labels, n_ep, len(dataset), ExpertConfig.batch_size),
                         constant_logvar=not cfg.learn_logvar, max_latents_per_class=smallest_class(dataset))
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
+    # K starts where the single-task planner starts (its share of the budget), not where that plan
+    # ended: its K filled the bytes one decoder left. The share search below gives each part its
+    # widest decoder, then K fills what their width steps left (the single-task rule, for S decoders).
+    if options.latents_per_class is None:
+        k = min(k, default_latents_per_class(b, n, d, options.latent_dtype, label_bytes(labels, n)))
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
                                                    "seed": derive_seed(options.seed, "federated-teacher")}
     seeds = [subtask_seed(options.seed, i) for i in range(subtasks)]
+    # Every input of the final K is in the key. The key (so each part's header) is fixed before the
+    # search: a subtask's encode then re-plans its part to the byte, whatever K the search settles on.
+    run = _run_key(dataset, b, split, groups, options.seed, options, k, d, labels, teacher)
     merged_prov = {"encoder": f"d3codec {__version__}", "seed": options.seed, "objective": cfg.objective,
                    "iterations": cfg.iterations, "experts": [n_exp, n_ep],
                    "federated": {"subtasks": subtasks, "split": split, "teacher": teacher}}
     fplan = FederatedPlan(budget=b, split=split, groups=groups, seeds=seeds, share=b.bytes // subtasks, plans=[],
-                          labels=labels, teacher=teacher, run="0" * 32, merged_provenance=merged_prov, bound=0,
+                          labels=labels, teacher=teacher, run=run, merged_provenance=merged_prov, bound=0,
                           breakdown={}, guaranteed=True, num_classes=n,
                           images=[int(counts[g].sum()) for g in groups], data=data, options=options)
 
@@ -284,8 +293,8 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
                 break
             share -= max(1, math.ceil((size - b.bytes) / subtasks))
     if options.latents_per_class is None:
-        # K was planned for one decoder: fit it to the parts' decoders, with more components where
-        # their width steps left bytes, or fewer where the merged file's own parts left too few.
+        # More components where the parts' width steps left bytes, or fewer where the merged file's
+        # own parts (header, soft labels) left too few.
         share = best[0] if best else fplan.share
         widths = [p.hparams["width"] for p in (best[1] if best else plans)]
         lo, hi = (k, max(k, component_cap(smallest_class(dataset)))) if best else (0, k - 1)
@@ -304,9 +313,6 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     if best is None:
         raise BudgetError(f"budget {b.bytes:,} bytes is too small for {subtasks} subtasks after their shared "
                           f"parts (merged header, labels); raise --budget or use fewer --subtasks")
-    # The run key once K is final (a hash of fixed length: the placeholder's held its place in every header).
-    fplan.run = _run_key(dataset, b, split, groups, options.seed, options, best[1][0].latents_per_class, d, labels,
-                         teacher)
     fplan.share, fplan.plans, fplan.bound, placeholder, fplan.guaranteed = best
     fplan.guaranteed = fplan.guaranteed and all(p.guaranteed for p in fplan.plans)
     fplan.breakdown = _merged_breakdown(placeholder, fplan.bound)

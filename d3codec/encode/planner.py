@@ -315,7 +315,8 @@ def default_latents_per_class(budget: Budget, num_classes: int, latent_dim: int,
     return int(min(MAX_LATENTS_PER_CLASS, max(1, COMPONENT_SHARE * budget.bytes // (num_classes * per))))
 
 
-def _label_bytes(storage: LabelStorage, num_classes: int) -> int:
+def label_bytes(storage: LabelStorage, num_classes: int) -> int:
+    """Stored bytes of one component's soft label (0 for hard labels)."""
     if storage.kind == "hard":
         return 0
     if storage.kind == "dense":
@@ -431,7 +432,7 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     for lab in label_options:  # soft labels at any width before hard ones
         cap = component_cap(max_latents_per_class)
         k0 = latents_per_class or min(cap, default_latents_per_class(budget, n, d, latent_dtype,
-                                                                     _label_bytes(lab, metadata.num_classes)))
+                                                                     label_bytes(lab, metadata.num_classes)))
         ks = [k0] if latents_per_class else sorted({max(1, k0 >> i) for i in range(12)}, reverse=True)
         for k in ks:
             plan = _widest(lambda wd: attempt(k, wd, lab), widths)
