@@ -6,8 +6,9 @@ paper, or `balanced` by image count), each subtask's seed (derived from the glob
 subtask index, never from a rank), K latents and dimension D shared by all subtasks (the merged
 priors are one [N, K, D] tensor), the label storage and teacher of the merged file, and the
 per-subtask byte share, searched up from budget / subtasks (each part carries a header the merged
-file holds once) so that the merged file's size estimate fits the budget; then K grows into what
-the parts' decoder width steps left. K and D start from the single-task plan of all classes.
+file holds once) so that the merged file's size estimate fits the budget. D is the single-task
+plan's; K starts at the single-task planner's share of the budget, the search gives each part its
+widest decoder, then K grows into what their width steps left.
 
 `encode_federated` runs it: serially, with `nproc` local processes, or under `torchrun` (ranks
 from RANK / WORLD_SIZE / LOCAL_RANK, a gloo group only for barriers). Task t (subtasks, then the
@@ -224,11 +225,12 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     groups = split_classes(n, subtasks, split, counts.tolist())
     cfg = options.distill_config()
     n_exp, n_ep = options.expert_settings(cfg)
+    max_k = smallest_class(dataset)
     # D and label storage of the merged file: what the single-task plan of all classes picks.
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                         labels=resolve_labels(options.labels, n_ep, len(dataset), ExpertConfig.batch_size),
-                        constant_logvar=not cfg.learn_logvar, max_latents_per_class=smallest_class(dataset))
+                        constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     # K starts where the single-task planner starts (its share of the budget), not where that plan
     # ended: its K filled the bytes one decoder left. The share search below gives each part its
@@ -297,7 +299,7 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
         # own parts (header, soft labels) left too few.
         share = best[0] if best else fplan.share
         widths = [p.hparams["width"] for p in (best[1] if best else plans)]
-        lo, hi = (k, max(k, component_cap(smallest_class(dataset)))) if best else (0, k - 1)
+        lo, hi = (k, max(k, component_cap(max_k))) if best else (0, k - 1)
         while lo < hi:  # the largest K in (lo, hi] that fits; lo fits already (or is 0)
             mid = (lo + hi + 1) // 2
             try:

@@ -12,12 +12,9 @@ from typing import Callable, Optional
 
 from d3codec.format.errors import OverBudgetError
 from d3codec.format.io import dumps, encoded_size, save
-from d3codec.format.types import Budget, D3File, Stored
+from d3codec.format.types import LABEL_TENSORS, PRIOR_TENSORS, Budget, D3File, Stored
 
 
-#: The per-component tensors ([N, K, ...]) of priors and labels.
-_PRIOR_TENSORS = ("mean", "logvar", "factor", "cholesky", "weights")
-_LABEL_TENSORS = ("probs", "indices", "values")
 
 
 def _trim_stored(s: Optional[Stored], k: int) -> Optional[Stored]:
@@ -35,8 +32,8 @@ def trim_components(d3: D3File, k: int) -> D3File:
     p, lab = d3.priors, d3.labels
     if not 1 <= k <= p.latents_per_class:
         raise ValueError(f"k must be in 1..{p.latents_per_class}, got {k}")
-    priors = replace(p, **{f: _trim_stored(getattr(p, f), k) for f in _PRIOR_TENSORS})
-    labels = replace(lab, **{f: _trim_stored(getattr(lab, f), k) for f in _LABEL_TENSORS})
+    priors = replace(p, **{f: _trim_stored(getattr(p, f), k) for f in PRIOR_TENSORS})
+    labels = replace(lab, **{f: _trim_stored(getattr(lab, f), k) for f in LABEL_TENSORS})
     return d3.replace(priors=priors, labels=labels)
 
 

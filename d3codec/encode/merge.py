@@ -23,7 +23,7 @@ import torch
 from d3codec.encode.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, decoder_shapes, store_decoder_state, store_priors
 from d3codec.errors import BudgetError, ConfigError
-from d3codec.format.types import Budget, D3File, DecoderEntry, Labels, Metadata, Priors, Stored
+from d3codec.format.types import PRIOR_TENSORS, Budget, D3File, DecoderEntry, Labels, Metadata, Priors, Stored
 
 Log = Callable[[str], None]
 
@@ -116,7 +116,7 @@ def merge_priors(parts: Sequence[tuple[Sequence[int], Priors]], num_classes: int
     """
     first = parts[0][1]
     out: dict[str, Optional[Stored]] = {}
-    for name in ("mean", "logvar", "factor", "cholesky", "weights"):
+    for name in PRIOR_TENSORS:
         items = [(classes, getattr(p, name)) for classes, p in parts]
         if all(s is None for _, s in items):
             out[name] = None

@@ -237,12 +237,11 @@ def estimate_trained_size(zeros: D3File, skip: Sequence[Optional[Stored]] = ()) 
 
     skipped = {id(s) for s in skip if s is not None}
     p, lab = zeros.priors, zeros.labels
-    sections = [([getattr(p, f) for f in ("mean", "logvar", "factor", "cholesky", "weights")], True),
+    sections = [(list(p.tensors().values()), True),
                 *((list(dec.weights.values()), True) for dec in zeros.decoders),
-                ([lab.probs, lab.indices, lab.values], False)]
+                (list(lab.tensors().values()), False)]
     payload = slack = 0
-    for tensors, modelled in sections:
-        present = [s for s in tensors if s is not None]
+    for present, modelled in sections:
         stored = [s for s in present if id(s) not in skipped]
         raw = sum(s.nbytes for s in present)  # the writer picks the level from the whole section
         level = LEVEL_SMALL if raw <= SMALL_SECTION else LEVEL_LARGE
@@ -265,8 +264,9 @@ def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bo
 
     The strict bound counts every header and per-tensor header raw and no compression at all, so it
     leaves 10-25% of a typical budget unused; the estimate compresses decoder weights and latent
-    codes as Gaussian values compress (`estimate_trained_size`) and headers as they compress. `encode` checks the real size before writing
-    and, in the rare case it is over, keeps fewer components (`encode.fitting`).
+    codes as Gaussian values compress (`estimate_trained_size`) and headers as they compress.
+    `encode` checks the real size before writing and, in the rare case it is over, keeps fewer
+    components (`encode.fitting`).
     """
     from d3codec.format.io import size_upper_bound
 

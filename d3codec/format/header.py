@@ -266,9 +266,9 @@ class Plan:
 def plan_of(d3: D3File) -> Plan:
     """The declarations of an in-memory file (the writer's side of `parse_header`)."""
     p = d3.priors
-    priors = {k: TensorDecl.of(getattr(p, k)) for k in ("mean", "logvar", "factor", "cholesky", "weights") if getattr(p, k) is not None}
+    priors = {k: TensorDecl.of(s) for k, s in p.tensors().items()}
     lab = d3.labels
-    labels = {k: TensorDecl.of(getattr(lab, k)) for k in ("probs", "indices", "values") if getattr(lab, k) is not None}
+    labels = {k: TensorDecl.of(s) for k, s in lab.tensors().items()}
     m = d3.metadata
     metadata = Metadata(
         name=m.name,

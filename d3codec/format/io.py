@@ -95,12 +95,12 @@ def _writer_plan(d3: D3File) -> tuple[Plan, dict[str, dict[str, Stored]]]:
     check_structure(plan, ctx)
     p, lab = d3.priors, d3.labels
     tensors: dict[str, dict[str, Stored]] = {
-        "priors": {k: getattr(p, k) for k in ("mean", "logvar", "factor", "cholesky", "weights") if getattr(p, k) is not None}
+        "priors": p.tensors()
     }
     for i, dec in enumerate(d3.decoders):
         tensors[f"decoder.{i}"] = dict(dec.weights)
     if lab.kind == "soft":
-        tensors["labels"] = {k: getattr(lab, k) for k in ("probs", "indices", "values") if getattr(lab, k) is not None}
+        tensors["labels"] = lab.tensors()
     _check_content(tensors, plan, ctx)
     return plan, tensors
 

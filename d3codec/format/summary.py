@@ -31,8 +31,7 @@ def _dtypes(tensors: dict[str, Stored]) -> dict[str, int]:
 def describe(d3: D3File) -> dict[str, Any]:
     """The `info --json` object of a loaded file (needs `file_bytes` and `breakdown`)."""
     m, p, lab, b = d3.metadata, d3.priors, d3.labels, d3.budget
-    priors = {name: getattr(p, name) for name in ("mean", "logvar", "factor", "cholesky", "weights") if getattr(p, name) is not None}
-    labels = {name: getattr(lab, name) for name in ("probs", "indices", "values") if getattr(lab, name) is not None}
+    priors, labels = p.tensors(), lab.tensors()
     used = None if b is None or not d3.file_bytes else round(d3.file_bytes / b.bytes, 6)
     return {
         "format_version": f"{d3.format_version[0]}.{d3.format_version[1]}",

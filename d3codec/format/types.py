@@ -26,6 +26,9 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 QUANT_DTYPES = ("I8", "U8")
 INDEX_DTYPES = ("U8", "I16", "I32", "I64")
+#: The tensor fields of `Priors` and of `Labels`, in the order the file stores them.
+PRIOR_TENSORS = ("mean", "logvar", "factor", "cholesky", "weights")
+LABEL_TENSORS = ("probs", "indices", "values")
 
 CovarianceKind = Literal["diag", "lowrank", "full"]
 LabelKind = Literal["hard", "soft"]
@@ -183,6 +186,10 @@ class Priors:
     def rank(self) -> Optional[int]:
         return self.factor.shape[3] if self.factor is not None else None
 
+    def tensors(self) -> dict[str, Stored]:
+        """The tensors present, by field name, in file order."""
+        return {k: s for k in PRIOR_TENSORS if (s := getattr(self, k)) is not None}
+
 
 @dataclass
 class DecoderEntry:
@@ -214,6 +221,10 @@ class Labels:
     probs: Optional[Stored] = None
     indices: Optional[Stored] = None
     values: Optional[Stored] = None
+
+    def tensors(self) -> dict[str, Stored]:
+        """The tensors present, by field name, in file order (none for hard labels)."""
+        return {k: s for k in LABEL_TENSORS if (s := getattr(self, k)) is not None}
 
 
 @dataclass
