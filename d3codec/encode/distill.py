@@ -16,8 +16,8 @@ raised the contrast until half of the 10ipc CIFAR-10 pixels saturated (RESULTS.m
 
 The decoder's BatchNorm uses batch statistics while it trains; for the final phase (`final_fraction`
 of the iterations) its statistics are calibrated over a large draw of the priors and folded into the
-convolutions (the `norm="none"` decoder the file stores), and its weights are fake-quantised to
-their storage dtype (quantisation-aware training), so what the last iterations optimise is exactly
+convolutions (the `norm="none"` decoder the file stores), and its weights and the latent means are
+fake-quantised to their storage form (quantisation-aware training), so what the last iterations optimise is exactly
 what the file stores and decoding never depends on batch-mates. Every random draw comes from one `torch.Generator`, checkpointed with the state.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from d3codec.encode.mmd import DEFAULT_SIGMAS, mmd2_unbiased
-from d3codec.encode.planner import Plan, tensor_dtype
+from d3codec.encode.planner import Plan, store_priors, tensor_dtype
 from d3codec.encode.unroll import trajectory_match
 from d3codec.errors import ConfigError
 from d3codec.format.types import Metadata
@@ -180,6 +180,14 @@ class Distiller:
         pixels = (v - lo) / (hi - lo)
         return (pixels - self._pix[0]) / self._pix[1]
 
+    def _means(self) -> torch.Tensor:
+        """The latent means [N, K, D]; in the final phase as the file stores them (`store_priors`:
+        grid or dtype rounding, straight-through gradient), as the decoder's weights are."""
+        if not self.frozen:
+            return self.mean
+        stored = store_priors(self.mean.detach().cpu(), self.logvar.detach().cpu(), self.plan.latent_dtype).mean
+        return self.mean + (stored.dequantize().to(self.device) - self.mean).detach()
+
     def sample_latents(self, per_class: int, classes: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`per_class` draws per class (all, or `classes`), spread evenly over its K components:
         (z [B, D], labels [B])."""
@@ -188,7 +196,7 @@ class Distiller:
         n = len(cls)
         comp = torch.arange(per_class) % k
         eps = torch.randn(n, per_class, d, generator=self.generator).to(self.device)
-        mu = self.mean[cls.to(self.device)][:, comp]
+        mu = self._means()[cls.to(self.device)][:, comp]
         sd = torch.exp(0.5 * self.logvar[cls.to(self.device)][:, comp])
         z = (mu + sd * eps).reshape(n * per_class, d)
         labels = cls.to(self.device).repeat_interleave(per_class)
@@ -477,7 +485,7 @@ class Distiller:
         class-major: memory of one batch for any K."""
         self.freeze_if_needed()
         n, k, d = self.mean.shape
-        flat = self.mean.reshape(n * k, d)
+        flat = self._means().reshape(n * k, d)
         for s in range(0, n * k, batch_size):
             yield self.decode(flat[s:s + batch_size])
 

@@ -41,8 +41,8 @@ from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for, sm
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.labels import LabelStorage, resolve_labels
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
-from d3codec.encode.planner import (Plan, component_cap, default_latents_per_class, estimate_trained_size, label_bytes,
-                                    plan_budget)
+from d3codec.encode.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts, label_bytes,
+                                    plan_budget, raw_parts)
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File
 
@@ -131,7 +131,7 @@ class FederatedPlan:
     run: str                        # run key: hash of every setting that shapes the result
     merged_provenance: dict[str, Any]
     bound: int                      # merged file: strict upper bound (or estimate when not guaranteed)
-    breakdown: dict[str, int]       # merged file: part -> bytes (upper bounds)
+    breakdown: dict[str, int]       # merged file: part -> bytes (bounds, or estimates)
     guaranteed: bool
     num_classes: int
     images: list[int]               # training images per subtask
@@ -236,7 +236,8 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
     # ended: its K filled the bytes one decoder left. The share search below gives each part its
     # widest decoder, then K fills what their width steps left (the single-task rule, for S decoders).
     if options.latents_per_class is None:
-        k = min(k, default_latents_per_class(b, n, d, options.latent_dtype, label_bytes(labels, n)))
+        k = min(k, default_latents_per_class(b, n, d, options.latent_dtype, label_bytes(labels, n),
+                                                 not cfg.learn_logvar))
     teacher = None if labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
                                                    "seed": derive_seed(options.seed, "federated-teacher")}
     seeds = [subtask_seed(options.seed, i) for i in range(subtasks)]
@@ -266,26 +267,27 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
                                   "use fewer --subtasks") from None
         return out
 
-    def merged_size(plans: list[Plan]) -> tuple[int, D3File, bool]:
-        """The strict bound when it fits or every part plan is guaranteed; else the planner's estimate."""
+    def merged_size(plans: list[Plan]) -> tuple[int, dict[str, int], bool]:
+        """The strict bound when it fits or every part plan is guaranteed; else the planner's
+        estimate; with its bytes per part."""
         pairs = list(zip(groups, plans))
         placeholder = placeholder_merged(metadata, pairs, labels, merged_prov, b)
         bound = size_upper_bound(placeholder)
         if bound <= b.bytes or all(p.guaranteed for p in plans):
-            return bound, placeholder, True
+            return bound, raw_parts(placeholder, bound), True
         zeros = placeholder_merged(metadata, pairs, labels, merged_prov, b, zeros=True)
-        skip = [zeros.priors.logvar] if not cfg.learn_logvar else []  # one repeated value: compresses away
-        return estimate_trained_size(zeros, skip), placeholder, False
+        parts = estimate_parts(zeros, **constant_prior_std(zeros, not cfg.learn_logvar))
+        return sum(parts.values()), parts, False
 
     # From budget / subtasks up: each part carries a header the merged file holds once.
     share, cap = b.bytes // subtasks, b.bytes
-    best: Optional[tuple[int, list[Plan], int, D3File, bool]] = None
+    best: Optional[tuple[int, list[Plan], int, dict[str, int], bool]] = None
     for _ in range(_SEARCH_PASSES):
         plans = plans_at(share)
-        size, placeholder, strict = merged_size(plans)
+        size, parts, strict = merged_size(plans)
         if size <= b.bytes:
             if best is None or share > best[0]:
-                best = (share, plans, size, placeholder, strict)
+                best = (share, plans, size, parts, strict)
             slack = (b.bytes - size) // subtasks
             if slack < 8 or share >= cap:
                 break
@@ -307,29 +309,17 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
             except BudgetError:
                 hi = mid - 1
                 continue
-            size, placeholder, strict = merged_size(trial)
+            size, parts, strict = merged_size(trial)
             if size <= b.bytes:
-                best, lo = (share, trial, size, placeholder, strict), mid
+                best, lo = (share, trial, size, parts, strict), mid
             else:
                 hi = mid - 1
     if best is None:
         raise BudgetError(f"budget {b.bytes:,} bytes is too small for {subtasks} subtasks after their shared "
                           f"parts (merged header, labels); raise --budget or use fewer --subtasks")
-    fplan.share, fplan.plans, fplan.bound, placeholder, fplan.guaranteed = best
+    fplan.share, fplan.plans, fplan.bound, fplan.breakdown, fplan.guaranteed = best
     fplan.guaranteed = fplan.guaranteed and all(p.guaranteed for p in fplan.plans)
-    fplan.breakdown = _merged_breakdown(placeholder, fplan.bound)
     return fplan
-
-
-def _merged_breakdown(d3: D3File, bound: int) -> dict[str, int]:
-    priors = sum(s.nbytes for s in (d3.priors.mean, d3.priors.logvar) if s is not None)
-    decoders = sum(s.nbytes for dec in d3.decoders for s in dec.weights.values())
-    lab = d3.labels
-    labels = sum(s.nbytes for s in (lab.probs, lab.indices, lab.values) if s is not None)
-    rest = bound - priors - decoders - labels
-    # Raw tensor bytes against a compressed estimate: a negative rest is what compression saves.
-    return {"priors": priors, "decoders": decoders, "labels": labels,
-            ("header etc" if rest >= 0 else "compression saves"): rest}
 
 
 # ---------------------------------------------------------------- sharing a subtask's experts

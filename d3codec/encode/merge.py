@@ -15,7 +15,7 @@ import contextlib
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -112,7 +112,8 @@ def single_thread() -> Iterator[None]:
 def merge_priors(parts: Sequence[tuple[Sequence[int], Priors]], num_classes: int) -> Priors:
     """Priors of all classes [N, K, D...], each part's rows placed at its global class ids.
 
-    Unquantised tensors are copied raw (exact); quantised ones are re-quantised over the whole.
+    Unquantised tensors, and quantised ones that share one scale and zero point (latent means on
+    `store_priors`' grid), are copied raw (exact); other quantised ones are re-quantised over the whole.
     """
     first = parts[0][1]
     out: dict[str, Optional[Stored]] = {}
@@ -124,12 +125,16 @@ def merge_priors(parts: Sequence[tuple[Sequence[int], Priors]], num_classes: int
         if any(s is None for _, s in items):
             raise RunMismatchError(f"some parts store priors.{name} and some do not; re-encode them with one command")
         ref = items[0][1]
-        quantized = any(s.quantized for _, s in items) or len({s.dtype for _, s in items}) > 1
-        values = [s.dequantize() if quantized else s.raw for _, s in items]
+        shared = len({(s.dtype, s.scale, s.zero_point, s.axis) for _, s in items}) == 1 and ref.axis is None
+        requantize = not shared
+        values = [s.dequantize() if requantize else s.raw for _, s in items]
         whole = torch.zeros((num_classes, *values[0].shape[1:]), dtype=values[0].dtype)
+        if shared and ref.quantized:  # classes no part holds dequantise to 0
+            whole += ref.zero_point[0]
         for (classes, _), v in zip(items, values):
             whole[torch.tensor(list(classes), dtype=torch.long)] = v
-        out[name] = Stored.encode(whole, ref.dtype, axis=ref.axis) if quantized else Stored(whole.contiguous())
+        out[name] = (Stored.encode(whole, ref.dtype, axis=ref.axis) if requantize
+                     else replace(ref, raw=whole.contiguous()))
     return Priors(kind=first.kind, **out)  # type: ignore[arg-type]
 
 

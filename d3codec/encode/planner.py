@@ -24,6 +24,7 @@ import torch
 
 from d3codec.encode.labels import LabelStorage, placeholder_labels
 from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.io import LEVEL_LARGE
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
 
 #: Decoder widths (channels of the first feature map) the planner tries, widest first.
@@ -40,6 +41,11 @@ MAX_LATENTS_PER_CLASS = 500
 #: (RESULTS.md, "Quality, session 5" and "session 6").
 MAX_LATENT_DIM_GROWTH = 4
 MIN_WIDTH_KEPT = 0.5
+#: I8 latent means of components that share one prior std s lie on a grid of `CODE_STEP` x s
+#: (`store_priors`); the size estimate takes their std as `CODE_SPREAD` x s (trained files:
+#: 4-8 s on CIFAR-10, MNIST and digits; RESULTS.md, "Quality, session 7").
+CODE_STEP = 2.0
+CODE_SPREAD = 8.0
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "I8": 1}
 #: Tensors smaller than this are stored as F16 even when weights are I8 (scales would cost more).
 MIN_QUANT_NUMEL = 64
@@ -60,7 +66,7 @@ class Plan:
     labels: LabelStorage
     budget: Budget
     bound: int  # upper bound (guaranteed) or estimate of the finished file size, bytes
-    breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes (upper bounds)
+    breakdown: dict[str, int] = field(default_factory=dict)  # part -> bytes (bounds, or estimates)
     num_params: int = 0
     guaranteed: bool = True  # bound from shapes alone; False: compressed-size estimate with a margin
     train_hparams: dict[str, Any] = field(default_factory=dict)  # the decoder trained (BatchNorm)
@@ -77,7 +83,7 @@ class Plan:
             f"({100.0 * self.bound / b.bytes:.1f}% of budget)",
         ]
         for part, n in self.breakdown.items():
-            lines.append(f"  {part:<10} <= {n:>12,} bytes")
+            lines.append(f"  {part:<10} {'<=' if self.guaranteed else '~ '} {n:>12,} bytes")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -147,8 +153,21 @@ def store_decoder_state(state: dict[str, torch.Tensor], weight_dtype: str) -> di
 
 
 def store_priors(mean: torch.Tensor, logvar: torch.Tensor, dtype: str) -> Priors:
-    """Diagonal priors [N, K, D] in `dtype` (I8: quantised per tensor)."""
-    return Priors(kind="diag", mean=Stored.encode(mean.float(), dtype), logvar=Stored.encode(logvar.float(), dtype))
+    """Diagonal priors [N, K, D] in `dtype` (I8: quantised per tensor).
+
+    Where every component has the same prior std s (the CPU default keeps the fit's noise), I8
+    means lie on a grid of `CODE_STEP` x s: the decoder was trained to draw from noise of std s, so
+    rounding error of std 0.58 s moves its images less than one draw does, and the coarse grid
+    entropy-codes in about 3.5 bits per value instead of 6 (RESULTS.md, "Quality, session 7").
+    """
+    logvar = logvar.float()
+    if dtype == "I8" and logvar.numel() and bool((logvar == logvar.flatten()[0]).all()):
+        step = CODE_STEP * math.exp(0.5 * float(logvar.flatten()[0]))
+        mean_stored = Stored.on_grid(mean.float(), step) if math.isfinite(step) and step > 0 \
+            else Stored.encode(mean.float(), dtype)
+    else:
+        mean_stored = Stored.encode(mean.float(), dtype)
+    return Priors(kind="diag", mean=mean_stored, logvar=Stored.encode(logvar, dtype))
 
 
 def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
@@ -188,13 +207,22 @@ def _decoder_bytes(family: str, version: int, hparams: dict[str, Any], weight_dt
 
 def _estimate(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
               weight_dtype: str, latent_dtype: str, labels: LabelStorage, classes: Sequence[int],
-              provenance: dict[str, Any], budget: Budget, constant_logvar: bool = False) -> int:
-    """Size estimate for budgets the strict bound cannot serve: `estimate_trained_size` of the
+              provenance: dict[str, Any], budget: Budget, constant_logvar: bool = False) -> dict[str, int]:
+    """Size estimate per part for budgets the strict bound cannot serve: `estimate_parts` of the
     planned layout. With `constant_logvar` (the encoder keeps every log-variance at one value) the
-    log-variances compress away."""
+    log-variances compress away and I8 means lie on `store_priors`' grid."""
     d3, _ = _placeholder(metadata, family, version, hparams, k, d, weight_dtype, latent_dtype, labels, classes,
                          provenance, budget, zeros=True)
-    return estimate_trained_size(d3, skip=[d3.priors.logvar] if constant_logvar else [])
+    return estimate_parts(d3, **constant_prior_std(d3, constant_logvar))
+
+
+def constant_prior_std(zeros: D3File, constant_logvar: bool) -> dict[str, list[Optional[Stored]]]:
+    """`estimate_trained_size`'s `skip` and `grid` for a file whose log-variances stay at one value
+    (`constant_logvar`): those compress away, and I8 means lie on `store_priors`' grid."""
+    if not constant_logvar:
+        return {}
+    p = zeros.priors
+    return {"skip": [p.logvar], "grid": [p.mean] if p.mean.dtype == "I8" else []}
 
 
 #: Float tensors with fewer values count raw in the estimate (zstd's tables would cost more than they save).
@@ -220,47 +248,85 @@ def _gaussian_ratio(dtype: str, axis: Optional[int], shape: tuple[int, ...], lev
     return min(1.0, len(_zstd.compress(raw, level)) / len(raw))
 
 
-def estimate_trained_size(zeros: D3File, skip: Sequence[Optional[Stored]] = ()) -> int:
+@functools.lru_cache(maxsize=256)
+def _grid_ratio(shape: tuple[int, ...], level: int) -> float:
+    """Compressed / raw bytes of latent means on the `CODE_STEP` grid (`store_priors`), modelled as
+    Gaussian values of std `CODE_SPREAD` prior stds, measured with the writer's zstd."""
+    from d3codec.format import _zstd
+
+    values = torch.randn(min(math.prod(shape), _MODEL_SAMPLE), generator=torch.Generator().manual_seed(0))
+    raw = Stored.on_grid(values * CODE_SPREAD, CODE_STEP).raw.numpy().tobytes()
+    return min(1.0, len(_zstd.compress(raw, level)) / len(raw))
+
+
+def estimate_trained_size(zeros: D3File, skip: Sequence[Optional[Stored]] = (),
+                          grid: Sequence[Optional[Stored]] = ()) -> int:
     """Estimated size of the finished file laid out like `zeros` (a placeholder whose values are all
-    zero, so it measures headers and structure as they compress).
+    zero, so it measures headers and structure as they compress): the sum of `estimate_parts`."""
+    return sum(estimate_parts(zeros, skip, grid).values())
+
+
+def estimate_parts(zeros: D3File, skip: Sequence[Optional[Stored]] = (),
+                   grid: Sequence[Optional[Stored]] = ()) -> dict[str, int]:
+    """Estimated compressed bytes of the priors, decoder(s) and labels of the finished file laid out
+    like `zeros`, and of the rest ("header etc": headers, scales, zstd overhead, margin).
 
     Decoder weights and latent codes count as Gaussian values put through the real quantisers and
     the writer's zstd: trained ones compress at least as well (on 11 trained CIFAR-10, MNIST and
     digits files the estimate came out 3.6-13.6% above the real size; RESULTS.md, "Quality,
     session 6"), and `encode` trims components in a file that comes out over (`encode.fitting`).
     Soft labels and integer tensors count raw; tensors in `skip` (one repeated value) as the zeros
-    placeholder has them.
-    Plus the widest JSON form of every quantisation scale and zero point, per-section zstd
-    overhead and a 1% + 64 byte margin.
+    placeholder has them; tensors in `grid` (latent means `store_priors` puts on its grid) as
+    `_grid_ratio` models them.
+    The rest holds the headers as `zeros` compresses, the widest JSON form of every quantisation
+    scale and zero point, per-section zstd overhead and a 1% + 64 byte margin.
     """
-    from d3codec.format.io import LEVEL_LARGE, LEVEL_SMALL, SMALL_SECTION, encoded_size
+    from d3codec.format.io import LEVEL_SMALL, SMALL_SECTION, encoded_size
 
     skipped = {id(s) for s in skip if s is not None}
+    gridded = {id(s) for s in grid if s is not None}
     p, lab = zeros.priors, zeros.labels
-    sections = [(list(p.tensors().values()), True),
-                *((list(dec.weights.values()), True) for dec in zeros.decoders),
-                (list(lab.tensors().values()), False)]
-    payload = slack = 0
-    for present, modelled in sections:
-        stored = [s for s in present if id(s) not in skipped]
+    decoder = "decoder" if len(zeros.decoders) == 1 else "decoders"
+    sections = [("priors", list(p.tensors().values()), True),
+                *((decoder, list(dec.weights.values()), True) for dec in zeros.decoders),
+                ("labels", list(lab.tensors().values()), False)]
+    parts = {"priors": 0, decoder: 0, "labels": 0}
+    slack = 0
+    for part, present, modelled in sections:
         raw = sum(s.nbytes for s in present)  # the writer picks the level from the whole section
         level = LEVEL_SMALL if raw <= SMALL_SECTION else LEVEL_LARGE
-        for s in stored:
+        for s in present:
+            if id(s) in skipped:
+                continue
             slack += 18 * len(s.scale or ()) + 4 * len(s.zero_point or ())
             floating = s.quantized or s.raw.is_floating_point()
-            if modelled and floating and s.raw.numel() >= _MODEL_MIN_NUMEL:
-                payload += math.ceil(s.nbytes * _gaussian_ratio(s.dtype, s.axis, s.shape, level))
+            if id(s) in gridded and s.raw.numel() >= _MODEL_MIN_NUMEL:
+                parts[part] += math.ceil(s.nbytes * _grid_ratio(s.shape, level))
+            elif modelled and floating and s.raw.numel() >= _MODEL_MIN_NUMEL:
+                parts[part] += math.ceil(s.nbytes * _gaussian_ratio(s.dtype, s.axis, s.shape, level))
             else:
-                payload += s.nbytes
-    count = len(sections)
+                parts[part] += s.nbytes
+    payload, count = sum(parts.values()), len(sections)
     overhead = count * 32 + 3 * (payload // (128 * 1024) + count)
     size = encoded_size(zeros) + payload + slack + overhead
-    return size + size // 100 + 64
+    parts["header etc"] = size + size // 100 + 64 - payload
+    return parts
 
 
-def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bool]:
-    """(size, guaranteed): the compressed-size estimate, or the strict shape-only bound where that
-    is smaller (guaranteed then).
+def raw_parts(d3: D3File, bound: int) -> dict[str, int]:
+    """Raw bytes of the priors, decoder(s) and labels of `d3`, and the rest of `bound` ("header
+    etc"): the breakdown of a strict shape-only bound, which counts every value raw."""
+    decoder = "decoder" if len(d3.decoders) == 1 else "decoders"
+    parts = {"priors": sum(s.nbytes for s in d3.priors.tensors().values()),
+             decoder: sum(s.nbytes for dec in d3.decoders for s in dec.weights.values()),
+             "labels": sum(s.nbytes for s in d3.labels.tensors().values())}
+    parts["header etc"] = bound - sum(parts.values())
+    return parts
+
+
+def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bool, dict[str, int]]:
+    """(size, guaranteed, breakdown): the compressed-size estimate, or the strict shape-only bound
+    where that is smaller (guaranteed then), and its bytes per part.
 
     The strict bound counts every header and per-tensor header raw and no compression at all, so it
     leaves 10-25% of a typical budget unused; the estimate compresses decoder weights and latent
@@ -271,19 +337,11 @@ def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bo
     from d3codec.format.io import size_upper_bound
 
     bound = size_upper_bound(d3)
-    estimate = _estimate(**spec, budget=budget)
+    parts = _estimate(**spec, budget=budget)
+    estimate = sum(parts.values())
     if bound <= estimate:
-        return bound, True
-    return estimate, False
-
-
-def _section_bounds(d3: D3File) -> dict[str, int]:
-    """Raw bytes of each part (tensor payloads only), for the printed breakdown."""
-    priors = sum(s.nbytes for s in (d3.priors.mean, d3.priors.logvar) if s is not None)
-    decoder = sum(s.nbytes for s in d3.decoders[0].weights.values())
-    lab = d3.labels
-    labels = sum(s.nbytes for s in (lab.probs, lab.indices, lab.values) if s is not None)
-    return {"priors": priors, "decoder": decoder, "labels": labels}
+        return bound, True, raw_parts(d3, bound)
+    return estimate, False, parts
 
 
 def _label_choice_per_component(latent_dim: int, latent_dtype: str, num_classes: int, wanted: str) -> LabelStorage:
@@ -307,12 +365,19 @@ def default_latent_dim(image_shape: Sequence[int]) -> int:
 
 
 def default_latents_per_class(budget: Budget, num_classes: int, latent_dim: int, latent_dtype: str,
-                              label_bytes: int = 0) -> int:
+                              label_bytes: int = 0, constant_logvar: bool = False) -> int:
     """K: as many components as `COMPONENT_SHARE` of the budget holds (mean and log-variance of D
     values each, plus its label), 1..`MAX_LATENTS_PER_CLASS`. More components, each a real image
-    the decoder learnt to draw, buy more accuracy than decoder width (measured: RESULTS.md)."""
-    per = 2 * latent_dim * _DTYPE_BYTES[latent_dtype] + label_bytes
+    the decoder learnt to draw, buy more accuracy than decoder width (measured: RESULTS.md).
+    With `constant_logvar` the log-variances compress away and I8 means cost what their grid
+    compresses to (`store_priors`)."""
+    if constant_logvar:
+        per_value = _grid_ratio((_MODEL_SAMPLE,), LEVEL_LARGE) if latent_dtype == "I8" else _DTYPE_BYTES[latent_dtype]
+        per = latent_dim * per_value + label_bytes
+    else:
+        per = 2 * latent_dim * _DTYPE_BYTES[latent_dtype] + label_bytes
     return int(min(MAX_LATENTS_PER_CLASS, max(1, COMPONENT_SHARE * budget.bytes // (num_classes * per))))
+
 
 
 def label_bytes(storage: LabelStorage, num_classes: int) -> int:
@@ -416,14 +481,10 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
         spec = dict(metadata=metadata, family=family, version=version, hparams=hp, k=k, d=d,
                     weight_dtype=weight_dtype, latent_dtype=latent_dtype, labels=lab, classes=classes,
                     provenance=provenance, constant_logvar=constant_logvar)
-        bound, guaranteed = _fit_size(d3, budget, spec)
+        bound, guaranteed, parts = _fit_size(d3, budget, spec)
         if bound > budget.bytes:
             smallest = bound if smallest is None else min(smallest, bound)
             return None
-        parts = _section_bounds(d3)
-        if constant_logvar and not guaranteed:
-            parts["priors"] -= d3.priors.logvar.nbytes  # one repeated value: compressed away
-        parts["header etc"] = bound - sum(parts.values())
         return Plan(family, version, hp, k, d, weight_dtype, latent_dtype, lab, budget, bound, parts,
                     params, guaranteed, train_hp)
 
@@ -432,7 +493,8 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     for lab in label_options:  # soft labels at any width before hard ones
         cap = component_cap(max_latents_per_class)
         k0 = latents_per_class or min(cap, default_latents_per_class(budget, n, d, latent_dtype,
-                                                                     label_bytes(lab, metadata.num_classes)))
+                                                                     label_bytes(lab, metadata.num_classes),
+                                                                     constant_logvar))
         ks = [k0] if latents_per_class else sorted({max(1, k0 >> i) for i in range(12)}, reverse=True)
         for k in ks:
             plan = _widest(lambda wd: attempt(k, wd, lab), widths)
@@ -455,9 +517,9 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     need = 0
     for _ in range(4):  # the budget's own digits count in the header: iterate to a fixed point
         trial = replace(budget, bytes=need or budget.bytes)
-        need = max(need, _estimate(metadata, family, version, hp, latents_per_class or 1,
-                                   d, weight_dtype, latent_dtype, lab, classes,
-                                   provenance, trial))
+        need = max(need, sum(_estimate(metadata, family, version, hp, latents_per_class or 1,
+                                       d, weight_dtype, latent_dtype, lab, classes,
+                                       provenance, trial).values()))
     spec = f"{budget.spec} = " if budget.spec and budget.unit != "bytes" else ""
     raise BudgetError(f"budget {spec}{budget.bytes:,} bytes is too small: the smallest file that works here needs "
                       f"{need:,} bytes; raise --budget to at least {need:,} (or fewer fixed latents/width)")

@@ -7,6 +7,7 @@ These dataclasses are the contract between `format/` (bytes), `decode/` (samplin
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -104,6 +105,22 @@ class Stored:
         if dtype not in QUANT_DTYPES:
             raise ValueError(f"float tensors are quantised only to I8 or U8, not {dtype}")
         return _quantize(x.to(torch.float32), dtype, axis)
+
+    @staticmethod
+    def on_grid(x: torch.Tensor, step: float) -> "Stored":
+        """I8 values on a fixed grid of `step` (zero point 0), one scale for the tensor.
+
+        A coarser grid than min-max leaves fewer distinct values, which the writer's zstd entropy-codes
+        into fewer bits; the step widens (never clips) where |x| would pass 127 steps.
+        """
+        x = x.detach().cpu().to(torch.float32)
+        if not step > 0 or not math.isfinite(step):
+            raise ValueError(f"grid step must be a positive finite number, got {step}")
+        top = float(x.abs().max()) if x.numel() else 0.0
+        step = max(float(torch.tensor(step, dtype=torch.float32)), top / 127.0)
+        step = float(torch.tensor(step, dtype=torch.float32))  # the scale as the header's float32 holds it
+        q = torch.clamp(torch.round(x / step), -127, 127).to(torch.int8).contiguous()
+        return Stored(q, scale=(step,), zero_point=(0,), axis=None)
 
 
 def _quantize(x: torch.Tensor, dtype: str, axis: Optional[int]) -> Stored:

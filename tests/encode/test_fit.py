@@ -113,3 +113,25 @@ def test_default_fit_steps_grow_with_the_targets(tmp_path) -> None:
                           overrides={"fit_batch": 64})
     _, cfg_given, _, _ = plan_for(digits, "100ipc", given)
     assert cfg_given.fit_steps == 300
+
+
+def test_final_phase_trains_the_means_the_file_stores(tmp_path) -> None:
+    """Once frozen (the final phase), draws start from the latent means as `store_priors` stores
+    them, as the decoder's weights are fake-quantised: what the last iterations optimise is the file."""
+    from d3codec.encode.planner import store_priors
+
+    cache = str(tmp_path / "cache")
+    digits = open_dataset("digits", cache_dir=cache, progress=False)
+    options = EncodeOptions(latents_per_class=2, latent_dim=8, iterations=4, fit_steps=3, cache_dir=cache, quiet=True,
+                            overrides={"calibration_samples": 100, "samples_per_class": 4, "real_per_class": 4,
+                                       "final_fraction": 0.5})
+    plan, cfg, real, _ = plan_for(digits, "4ipc", options)
+    experts = ensure_experts(digits, num_experts=1, epochs=1, seed=0, cache_dir=cache, progress=False)
+    distiller = Distiller(plan, real.metadata(), real, experts, cfg)
+    assert torch.equal(distiller._means(), distiller.mean)
+    for _ in range(cfg.total_iterations):
+        distiller.step()
+    assert distiller.frozen
+    stored = store_priors(distiller.mean.detach(), distiller.logvar.detach(), plan.latent_dtype).mean.dequantize()
+    assert torch.equal(distiller._means().detach(), stored)
+    assert not torch.equal(stored, distiller.mean.detach())

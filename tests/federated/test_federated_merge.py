@@ -7,6 +7,7 @@ import struct
 import zlib
 
 import pytest
+import torch
 from conftest import BUDGET, SUBTASKS, run_cli
 
 from d3codec.encode.api import EncodeOptions
@@ -53,6 +54,17 @@ def test_good_parts_merge_in_any_order_to_the_same_bytes(parts, tmp_path) -> Non
     assert (tmp_path / "a.d3").read_bytes() == (tmp_path / "b.d3").read_bytes()
     assert sorted(c for d in a.decoders for c in d.classes) == list(range(10))
     assert a.file_bytes <= a.budget.bytes
+
+
+def test_latent_codes_on_one_grid_merge_exactly(parts, tmp_path) -> None:
+    """Parts whose means share one grid (one scale, zero point 0) are copied raw, not re-quantised:
+    the merged file draws exactly what each subtask trained."""
+    merged = merge_parts([parts[i] for i in range(SUBTASKS)], str(tmp_path / "m.d3"), quiet=True)
+    for i in range(SUBTASKS):
+        part = load(parts[i])
+        classes = [int(c) for c in part.provenance["classes"]]
+        assert part.priors.mean.scale == merged.priors.mean.scale and merged.priors.mean.zero_point == (0,)
+        assert torch.equal(merged.priors.mean.raw[classes], part.priors.mean.raw)
 
 
 def test_missing_subtask_is_refused_naming_it(parts, tmp_path) -> None:

@@ -93,6 +93,22 @@ def test_quantised_values_survive_and_dequantise():
     assert torch.equal(back.priors.mean.dequantize(), d3.priors.mean.dequantize())
 
 
+def test_grid_values_survive_and_widen_rather_than_clip():
+    """`Stored.on_grid`: I8 multiples of one float32 step (zero point 0) that round-trip exactly; a
+    value past 127 steps widens the step instead of being clipped."""
+    x = 0.5 * torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(0))
+    d3 = random_d3(0, num_classes=4, latents_per_class=6, dim=5)
+    d3.priors.mean = Stored.on_grid(x, 0.2)
+    assert d3.priors.mean.scale == (float(torch.tensor(0.2)),) and d3.priors.mean.zero_point == (0,)
+    back = loads(dumps(d3))
+    assert torch.equal(back.priors.mean.raw, d3.priors.mean.raw)
+    assert (back.priors.mean.dequantize() - x).abs().max() <= 0.1 + 1e-6
+    wide = Stored.on_grid(torch.tensor([100.0, -0.3]), 0.2)
+    assert wide.scale[0] > 0.2 and wide.dequantize()[0] == pytest.approx(100.0, rel=1e-6)
+    with pytest.raises(ValueError, match="positive finite"):
+        Stored.on_grid(x, 0.0)
+
+
 def test_big_sections_compress_only_when_smaller():
     d3 = random_d3(0, num_classes=2, latents_per_class=2, dim=4)
     d3.decoders[0].weights["zeros"] = Stored(torch.zeros(50_000))
