@@ -10,15 +10,16 @@ A ratio below 1.0 means the planner under-estimated that file (encode then trims
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import replace
 from typing import Optional
 
 import torch
 
-from d3codec.encode.planner import estimate_trained_size
+from d3codec.encode.planner import CODE_STEP, constant_prior_std, estimate_trained_size
 from d3codec.format.io import load
-from d3codec.format.types import D3File, Stored
+from d3codec.format.types import PRIOR_TENSORS, D3File, Stored
 
 
 def _zero(s: Optional[Stored]) -> Optional[Stored]:
@@ -30,13 +31,26 @@ def _zero(s: Optional[Stored]) -> Optional[Stored]:
 
 
 def estimate_of(d3: D3File) -> int:
-    """The planner's estimate for a file of `d3`'s layout (a constant log-variance compresses away)."""
+    """The planner's estimate for a file of `d3`'s layout: a constant log-variance compresses away,
+    and latent means on `store_priors`' grid count as the planner models them."""
     p = d3.priors
-    priors = replace(p, **{f: _zero(getattr(p, f)) for f in ("mean", "logvar", "factor", "cholesky", "weights")})
+    priors = replace(p, **{f: _zero(getattr(p, f)) for f in PRIOR_TENSORS})
     decoders = [replace(dec, weights={n: _zero(s) for n, s in dec.weights.items()}) for dec in d3.decoders]
     zeros = d3.replace(priors=priors, decoders=decoders)
     constant = p.logvar is not None and bool((p.logvar.raw == p.logvar.raw.flatten()[0]).all())
-    return estimate_trained_size(zeros, skip=[priors.logvar] if constant else [])
+    kwargs = constant_prior_std(zeros, constant)
+    if constant and not _on_grid(d3):  # written before means were stored on a grid (min-max I8)
+        kwargs["grid"] = []
+    return estimate_trained_size(zeros, **kwargs)
+
+
+def _on_grid(d3: D3File) -> bool:
+    """Whether the means lie on the grid `store_priors` uses (zero point 0, step CODE_STEP stds)."""
+    p = d3.priors
+    if p.mean.dtype != "I8" or p.mean.zero_point != (0,) or p.logvar is None:
+        return False
+    std = math.exp(0.5 * float(p.logvar.dequantize().flatten()[0]))
+    return math.isclose(p.mean.scale[0], CODE_STEP * std, rel_tol=1e-3)
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ import torch
 
 from d3codec.encode.labels import LabelStorage, placeholder_labels
 from d3codec.errors import BudgetError, ConfigError
-from d3codec.format.io import LEVEL_LARGE
+from d3codec.format import _zstd
+from d3codec.format.io import LEVEL_LARGE, LEVEL_SMALL, SMALL_SECTION, encoded_size, size_upper_bound
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
 
 #: Decoder widths (channels of the first feature map) the planner tries, widest first.
@@ -160,14 +161,11 @@ def store_priors(mean: torch.Tensor, logvar: torch.Tensor, dtype: str) -> Priors
     rounding error of std 0.58 s moves its images less than one draw does, and the coarse grid
     entropy-codes in about 3.5 bits per value instead of 6 (RESULTS.md, "Quality, session 7").
     """
-    logvar = logvar.float()
-    if dtype == "I8" and logvar.numel() and bool((logvar == logvar.flatten()[0]).all()):
-        step = CODE_STEP * math.exp(0.5 * float(logvar.flatten()[0]))
-        mean_stored = Stored.on_grid(mean.float(), step) if math.isfinite(step) and step > 0 \
-            else Stored.encode(mean.float(), dtype)
-    else:
-        mean_stored = Stored.encode(mean.float(), dtype)
-    return Priors(kind="diag", mean=mean_stored, logvar=Stored.encode(logvar, dtype))
+    mean, logvar = mean.float(), logvar.float()
+    shared = dtype == "I8" and logvar.numel() > 0 and bool((logvar == logvar.flatten()[0]).all())
+    step = CODE_STEP * math.exp(0.5 * float(logvar.flatten()[0])) if shared else 0.0
+    stored = Stored.on_grid(mean, step) if 0 < step < math.inf else Stored.encode(mean, dtype)
+    return Priors(kind="diag", mean=stored, logvar=Stored.encode(logvar, dtype))
 
 
 def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
@@ -236,8 +234,6 @@ _MODEL_SAMPLE = 1 << 20
 def _gaussian_ratio(dtype: str, axis: Optional[int], shape: tuple[int, ...], level: int) -> float:
     """Compressed / raw bytes of Gaussian values stored as `dtype` (quantised along `axis` as the real
     tensor is) in `shape`, measured with the writer's zstd on at most `_MODEL_SAMPLE` values."""
-    from d3codec.format import _zstd
-
     numel = math.prod(shape)
     if axis == 0 and len(shape) > 1:  # whole channels, so each keeps its own quantisation range
         sample: tuple[int, ...] = (max(1, min(shape[0], _MODEL_SAMPLE // max(1, numel // shape[0]))), *shape[1:])
@@ -251,9 +247,8 @@ def _gaussian_ratio(dtype: str, axis: Optional[int], shape: tuple[int, ...], lev
 @functools.lru_cache(maxsize=256)
 def _grid_ratio(shape: tuple[int, ...], level: int) -> float:
     """Compressed / raw bytes of latent means on the `CODE_STEP` grid (`store_priors`), modelled as
-    Gaussian values of std `CODE_SPREAD` prior stds, measured with the writer's zstd."""
-    from d3codec.format import _zstd
-
+    Gaussian values of std `CODE_SPREAD` prior stds, measured with the writer's zstd (on all of
+    them, up to `_MODEL_SAMPLE`)."""
     values = torch.randn(min(math.prod(shape), _MODEL_SAMPLE), generator=torch.Generator().manual_seed(0))
     raw = Stored.on_grid(values * CODE_SPREAD, CODE_STEP).raw.numpy().tobytes()
     return min(1.0, len(_zstd.compress(raw, level)) / len(raw))
@@ -281,8 +276,6 @@ def estimate_parts(zeros: D3File, skip: Sequence[Optional[Stored]] = (),
     The rest holds the headers as `zeros` compresses, the widest JSON form of every quantisation
     scale and zero point, per-section zstd overhead and a 1% + 64 byte margin.
     """
-    from d3codec.format.io import LEVEL_SMALL, SMALL_SECTION, encoded_size
-
     skipped = {id(s) for s in skip if s is not None}
     gridded = {id(s) for s in grid if s is not None}
     p, lab = zeros.priors, zeros.labels
@@ -300,7 +293,7 @@ def estimate_parts(zeros: D3File, skip: Sequence[Optional[Stored]] = (),
                 continue
             slack += 18 * len(s.scale or ()) + 4 * len(s.zero_point or ())
             floating = s.quantized or s.raw.is_floating_point()
-            if id(s) in gridded and s.raw.numel() >= _MODEL_MIN_NUMEL:
+            if id(s) in gridded:  # measured at its own size: small ones pay zstd's tables
                 parts[part] += math.ceil(s.nbytes * _grid_ratio(s.shape, level))
             elif modelled and floating and s.raw.numel() >= _MODEL_MIN_NUMEL:
                 parts[part] += math.ceil(s.nbytes * _gaussian_ratio(s.dtype, s.axis, s.shape, level))
@@ -334,8 +327,6 @@ def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bo
     `encode` checks the real size before writing and, in the rare case it is over, keeps fewer
     components (`encode.fitting`).
     """
-    from d3codec.format.io import size_upper_bound
-
     bound = size_upper_bound(d3)
     parts = _estimate(**spec, budget=budget)
     estimate = sum(parts.values())
