@@ -58,6 +58,7 @@ def test_planned_files_never_exceed_the_budget(num_classes: int, channels: int, 
         assert need > budget.bytes
         return
     assert plan.bound <= budget.bytes
+    assert sum(plan.breakdown.values()) == plan.bound and min(plan.breakdown.values()) >= 0
     assert encoded_size(_finished_file(plan, metadata, provenance, seed, constant_logvar)) <= budget.bytes
 
 
