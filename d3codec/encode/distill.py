@@ -17,8 +17,8 @@ raised the contrast until half of the 10ipc CIFAR-10 pixels saturated (RESULTS.m
 The decoder's BatchNorm uses batch statistics while it trains; for the final phase (`final_fraction`
 of the iterations) its statistics are calibrated over a large draw of the priors and folded into the
 convolutions (the `norm="none"` decoder the file stores), and its weights and the latent means are
-fake-quantised to their storage form (quantisation-aware training), so what the last iterations optimise is exactly
-what the file stores and decoding never depends on batch-mates. Every random draw comes from one `torch.Generator`, checkpointed with the state.
+fake-quantised to their storage form (quantisation-aware training), so what the last iterations
+optimise is exactly what the file stores and decoding never depends on batch-mates. Every random draw comes from one `torch.Generator`, checkpointed with the state.
 """
 from __future__ import annotations
 

@@ -41,8 +41,8 @@ from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for, sm
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.labels import LabelStorage, resolve_labels
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
-from d3codec.encode.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts, label_bytes,
-                                    plan_budget, raw_parts)
+from d3codec.encode.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
+                                    label_bytes, plan_budget, raw_parts)
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget, D3File
 

@@ -126,15 +126,11 @@ def merge_priors(parts: Sequence[tuple[Sequence[int], Priors]], num_classes: int
             raise RunMismatchError(f"some parts store priors.{name} and some do not; re-encode them with one command")
         ref = items[0][1]
         shared = len({(s.dtype, s.scale, s.zero_point, s.axis) for _, s in items}) == 1 and ref.axis is None
-        requantize = not shared
-        values = [s.dequantize() if requantize else s.raw for _, s in items]
+        values = [s.raw if shared else s.dequantize() for _, s in items]
         whole = torch.zeros((num_classes, *values[0].shape[1:]), dtype=values[0].dtype)
-        if shared and ref.quantized:  # classes no part holds dequantise to 0
-            whole += ref.zero_point[0]
         for (classes, _), v in zip(items, values):
             whole[torch.tensor(list(classes), dtype=torch.long)] = v
-        out[name] = (Stored.encode(whole, ref.dtype, axis=ref.axis) if requantize
-                     else replace(ref, raw=whole.contiguous()))
+        out[name] = replace(ref, raw=whole.contiguous()) if shared else Stored.encode(whole, ref.dtype, axis=ref.axis)
     return Priors(kind=first.kind, **out)  # type: ignore[arg-type]
 
 

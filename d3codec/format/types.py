@@ -117,8 +117,7 @@ class Stored:
         if not step > 0 or not math.isfinite(step):
             raise ValueError(f"grid step must be a positive finite number, got {step}")
         top = float(x.abs().max()) if x.numel() else 0.0
-        step = max(float(torch.tensor(step, dtype=torch.float32)), top / 127.0)
-        step = float(torch.tensor(step, dtype=torch.float32))  # the scale as the header's float32 holds it
+        step = float(torch.tensor(max(step, top / 127.0), dtype=torch.float32))  # as the header holds it
         q = torch.clamp(torch.round(x / step), -127, 127).to(torch.int8).contiguous()
         return Stored(q, scale=(step,), zero_point=(0,), axis=None)
 
