@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from d3codec.encode.planner import CODE_STEP, constant_prior_std, estimate_trained_size
+from d3codec.encode.planner import constant_prior_std, estimate_trained_size, store_means
 from d3codec.format.io import load
 from d3codec.format.types import PRIOR_TENSORS, D3File, Stored
 
@@ -45,12 +45,15 @@ def estimate_of(d3: D3File) -> int:
 
 
 def _on_grid(d3: D3File) -> bool:
-    """Whether the means lie on the grid `store_priors` uses (zero point 0, step CODE_STEP stds)."""
+    """Whether the means are stored as `store_means` stores them now (on its grid, where every
+    component shares one prior std), not as an older writer did (min-max I8)."""
     p = d3.priors
-    if p.mean.dtype != "I8" or p.mean.zero_point != (0,) or p.logvar is None:
+    if p.logvar is None:
         return False
-    std = math.exp(0.5 * float(p.logvar.dequantize().flatten()[0]))
-    return math.isclose(p.mean.scale[0], CODE_STEP * std, rel_tol=1e-3)
+    again = store_means(p.mean.dequantize(), p.logvar.dequantize(), p.mean.dtype)
+    if again.scale is None or p.mean.scale is None or again.zero_point != p.mean.zero_point:
+        return False
+    return math.isclose(again.scale[0], p.mean.scale[0], rel_tol=1e-3)  # float32 rounding of the std
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from d3codec.encode.mmd import DEFAULT_SIGMAS, mmd2_unbiased
-from d3codec.encode.planner import Plan, store_priors, tensor_dtype
+from d3codec.encode.planner import Plan, store_means, tensor_dtype
 from d3codec.encode.unroll import trajectory_match
 from d3codec.errors import ConfigError
 from d3codec.format.types import Metadata
@@ -181,11 +181,11 @@ class Distiller:
         return (pixels - self._pix[0]) / self._pix[1]
 
     def _means(self) -> torch.Tensor:
-        """The latent means [N, K, D]; in the final phase as the file stores them (`store_priors`:
+        """The latent means [N, K, D]; in the final phase as the file stores them (`store_means`:
         grid or dtype rounding, straight-through gradient), as the decoder's weights are."""
         if not self.frozen:
             return self.mean
-        stored = store_priors(self.mean.detach().cpu(), self.logvar.detach().cpu(), self.plan.latent_dtype).mean
+        stored = store_means(self.mean.detach().cpu(), self.logvar.detach().cpu(), self.plan.latent_dtype)
         return self.mean + (stored.dequantize().to(self.device) - self.mean).detach()
 
     def sample_latents(self, per_class: int, classes: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,6 @@ from d3codec.format.io import dumps, encoded_size, save
 from d3codec.format.types import LABEL_TENSORS, PRIOR_TENSORS, Budget, D3File, Stored
 
 
-
-
 def _trim_stored(s: Optional[Stored], k: int) -> Optional[Stored]:
     """The first `k` entries along axis 1 (components) of an [N, K, ...] tensor."""
     if s is None:

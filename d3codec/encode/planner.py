@@ -155,7 +155,12 @@ def store_decoder_state(state: dict[str, torch.Tensor], weight_dtype: str) -> di
 
 
 def store_priors(mean: torch.Tensor, logvar: torch.Tensor, dtype: str) -> Priors:
-    """Diagonal priors [N, K, D] in `dtype` (I8: quantised per tensor).
+    """Diagonal priors [N, K, D] in `dtype` (I8: quantised per tensor; means as `store_means`)."""
+    return Priors(kind="diag", mean=store_means(mean, logvar, dtype), logvar=Stored.encode(logvar.float(), dtype))
+
+
+def store_means(mean: torch.Tensor, logvar: torch.Tensor, dtype: str) -> Stored:
+    """Latent means [N, K, D] in `dtype`, as `store_priors` stores them.
 
     Where every component has the same prior std s (the CPU default keeps the fit's noise), I8
     means lie on a grid of `CODE_STEP` x s: the decoder was trained to draw from noise of std s, so
@@ -165,8 +170,7 @@ def store_priors(mean: torch.Tensor, logvar: torch.Tensor, dtype: str) -> Priors
     mean, logvar = mean.float(), logvar.float()
     shared = dtype == "I8" and logvar.numel() > 0 and bool((logvar == logvar.flatten()[0]).all())
     step = CODE_STEP * math.exp(0.5 * float(logvar.flatten()[0])) if shared else 0.0
-    stored = Stored.on_grid(mean, step) if 0 < step < math.inf else Stored.encode(mean, dtype)
-    return Priors(kind="diag", mean=stored, logvar=Stored.encode(logvar, dtype))
+    return Stored.on_grid(mean, step) if 0 < step < math.inf else Stored.encode(mean, dtype)
 
 
 def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[str, Any], k: int, d: int,
@@ -280,7 +284,7 @@ def estimate_parts(zeros: D3File, skip: Sequence[Optional[Stored]] = (),
     skipped = {id(s) for s in skip if s is not None}
     gridded = {id(s) for s in grid if s is not None}
     p, lab = zeros.priors, zeros.labels
-    decoder = "decoder" if len(zeros.decoders) == 1 else "decoders"
+    decoder = _decoder_part(zeros)
     sections = [("priors", list(p.tensors().values()), True),
                 *((decoder, list(dec.weights.values()), True) for dec in zeros.decoders),
                 ("labels", list(lab.tensors().values()), False)]
@@ -307,10 +311,15 @@ def estimate_parts(zeros: D3File, skip: Sequence[Optional[Stored]] = (),
     return parts
 
 
+def _decoder_part(d3: D3File) -> str:
+    """The breakdown's name for the decoder weights: "decoder", or "decoders" for several."""
+    return "decoder" if len(d3.decoders) == 1 else "decoders"
+
+
 def raw_parts(d3: D3File, bound: int) -> dict[str, int]:
     """Raw bytes of the priors, decoder(s) and labels of `d3`, and the rest of `bound` ("header
     etc"): the breakdown of a strict shape-only bound, which counts every value raw."""
-    decoder = "decoder" if len(d3.decoders) == 1 else "decoders"
+    decoder = _decoder_part(d3)
     parts = {"priors": sum(s.nbytes for s in d3.priors.tensors().values()),
              decoder: sum(s.nbytes for dec in d3.decoders for s in dec.weights.values()),
              "labels": sum(s.nbytes for s in d3.labels.tensors().values())}
@@ -369,7 +378,6 @@ def default_latents_per_class(budget: Budget, num_classes: int, latent_dim: int,
     else:
         per = 2 * latent_dim * _DTYPE_BYTES[latent_dtype] + label_bytes
     return int(min(MAX_LATENTS_PER_CLASS, max(1, COMPONENT_SHARE * budget.bytes // (num_classes * per))))
-
 
 
 def label_bytes(storage: LabelStorage, num_classes: int) -> int:
