@@ -8,7 +8,6 @@ augmentation) is drawn from the given generator, so a seed fixes the result on C
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
@@ -16,7 +15,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from d3codec.progress import Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 #: Batches of one epoch: an iterable re-iterated every epoch, or a function epoch -> iterable.
@@ -94,31 +94,31 @@ def train_classifier(model: nn.Module, batches: BatchSource, *, epochs: int,
     steps = seen = 0
     loss_mean = float("nan")
     started = time.perf_counter()
-    bar = tqdm(range(start_epoch, epochs), desc=desc, unit="ep", file=sys.stderr, leave=False,
-               disable=not (progress and sys.stderr.isatty()))
-    for epoch in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, epochs, lr, lr_decay)
-        gen = generator(epoch) if callable(generator) else generator
-        model.train()
-        total, count = torch.zeros(()), 0
-        for x, y in _epoch_batches(batches, epoch):
-            if augment is not None:
-                x = augment(x, gen)
-            loss = soft_cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach().cpu() * len(x)
-            count += len(x)
-            steps += 1
-        seen += count
-        if count == 0:
-            raise ValueError("the batch source yielded no batches for an epoch")
-        loss_mean = float(total) / count
-        bar.set_postfix(loss=f"{loss_mean:.3f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, model, opt, loss_mean)
+    with Progress(epochs, desc, unit="ep", enabled=progress, initial=start_epoch) as bar:
+        for epoch in range(start_epoch, epochs):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch, epochs, lr, lr_decay)
+            gen = generator(epoch) if callable(generator) else generator
+            model.train()
+            total, count = torch.zeros(()), 0
+            for x, y in _epoch_batches(batches, epoch):
+                if augment is not None:
+                    x = augment(x, gen)
+                loss = soft_cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach().cpu() * len(x)
+                count += len(x)
+                steps += 1
+            seen += count
+            if count == 0:
+                raise ValueError("the batch source yielded no batches for an epoch")
+            loss_mean = float(total) / count
+            bar.set_postfix(loss=f"{loss_mean:.3f}")
+            bar.update()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model, opt, loss_mean)
     model.eval()
     return TrainResult(epochs=epochs - start_epoch, steps=steps, images_seen=seen,
                        wall_time_s=time.perf_counter() - started, final_loss=loss_mean)
