@@ -415,3 +415,37 @@ def sample_cmd(file: str, num: int, output: str, classes_spec: Optional[str], se
     image = sample_grid(d3, n=num, classes=_parse_classes(classes_spec), seed=seed, device=device, scale=scale)
     save_png(image, output)
     click.echo(f"wrote {output} ({image.width}x{image.height} px)")
+
+
+# ---- export: the file's images as a fixed set, for folder- and tensor-based evaluators (decode/export) ----
+
+@cli.command("export")
+@click.argument("file", metavar="FILE")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to create (it must not exist, or be empty).")
+@click.option("--per-class", type=click.IntRange(min=1), required=True,
+              help="Images per class: the mean images of the class's components first, then seeded draws.")
+@click.option("--format", "fmt", type=click.Choice(["imagefolder", "pt"]), default="imagefolder", show_default=True,
+              help="imagefolder: OUTPUT/<class>/<j>.png (uint8) and labels.pt; pt: OUTPUT/images.pt (float32 "
+                   "pixels in [0, 1], labels, class names, mean and std).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images decoded at a time (bounds memory).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT when an earlier `d3codec export` wrote it.")
+@_device_option
+def export_cmd(file: str, output: str, per_class: int, fmt: str, seed: int, batch_size: int, overwrite: bool,
+               device: str) -> None:
+    """Write FILE's images as a fixed labelled set: --per-class images per class (the mean images
+    first, then seeded random draws) with their labels (soft probabilities when the file has them),
+    for evaluators and training code that take an ImageFolder or an image tensor."""
+    from d3codec.decode.export import check_destination, export
+    from d3codec.format.io import load
+
+    check_destination(output, overwrite, (file,))
+    d3 = load(file)
+    result = export(d3, output, per_class, fmt, seed=seed, device=device, batch_size=batch_size,
+                    overwrite=overwrite, source=file)
+    where = "labels.pt" if fmt == "imagefolder" else "images.pt"
+    click.echo(f"wrote {result.images:,} images ({result.per_class} per class, the first "
+               f"{result.mean_images_per_class} the mean images; {result.labels} labels in {where}) of "
+               f"{result.num_classes} classes to {output} on {result.device}")
