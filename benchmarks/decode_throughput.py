@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -41,10 +41,11 @@ PAPER_HPARAMS = {
 NUM_CLASSES, LATENTS_PER_CLASS = 10, 2
 
 
-def make_file(family: str, resolution: int, seed: int = 0) -> D3File:
-    """A decodable file of the paper's decoder at `resolution` (3 channels), random weights."""
+def make_file(family: str, resolution: int, seed: int = 0, hparams: Optional[dict[str, int]] = None) -> D3File:
+    """A decodable file of the paper's decoder at `resolution` (3 channels), random weights
+    (`hparams` replaces the paper's width and latent_dim, e.g. for toy-size runs)."""
     torch.manual_seed(seed)
-    hp = {"channels": 3, "image_size": resolution, **PAPER_HPARAMS[family]}
+    hp = {"channels": 3, "image_size": resolution, **(hparams or PAPER_HPARAMS[family])}
     module = build_decoder(family, 1, hp)
     d = hp["latent_dim"]
     g = torch.Generator().manual_seed(seed)
@@ -116,10 +117,16 @@ def ours_step(d3: D3File, batch: int, device: torch.device, **options: object) -
     return step
 
 
-def consumer_step(resolution: int, batch: int, device: torch.device) -> Callable[[], int]:
-    """One SGD step of ConvNet (width 128, instance norm, depth 3 at 32 px / 4 at 64 px)."""
+def consumer_step(resolution: int, batch: int, device: torch.device, model: str = "convnet") -> Callable[[], int]:
+    """One SGD step of ConvNet (width 128, instance norm, depth 3 at 32 px / 4 at 64 px), or of
+    ResNet-18 with `model="resnet18"`."""
     torch.manual_seed(0)
-    net = ConvNet(3, NUM_CLASSES, resolution, width=128, norm="instance").to(device)
+    if model == "resnet18":
+        from d3codec.models.resnet import ResNet18
+
+        net: torch.nn.Module = ResNet18(3, NUM_CLASSES).to(device)
+    else:
+        net = ConvNet(3, NUM_CLASSES, resolution, width=128, norm="instance").to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, resolution, resolution, device=device)
     y = torch.randint(NUM_CLASSES, (batch,), device=device)

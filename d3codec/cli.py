@@ -47,6 +47,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli.main(args=argv, prog_name="d3codec")
 
 
+def _resolve_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--device as the concrete device that will run ("auto" -> cuda or cpu), checked at parse time:
+    an unknown name or CUDA where there is none fails as one `error:` line before any work."""
+    from d3codec.decode.decoders import check_device
+
+    return str(check_device(value))
+
+
+_device_option = click.option(
+    "--device", default="auto", show_default=True, callback=_resolve_device,
+    help="auto: CUDA when torch sees a GPU, else the CPU; or cpu, cuda, cuda:N. Byte-identical "
+         "results for a seed are promised on the CPU (--device cpu).")
+
+
 # ---- commands are added below, one section per command ----
 
 
@@ -152,7 +166,7 @@ def _data_options(f: Any) -> Any:
 @click.option("--width", type=int, default=128, show_default=True, help="ConvNet width.")
 @click.option("--depth", type=int, help="ConvNet depth (default: from the resolution).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int], skip_bad_images: bool,
@@ -210,7 +224,7 @@ def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int]
 @click.option("--batch", "batch_size", type=int, default=256, show_default=True)
 @click.option("--no-augment", is_flag=True, help="Train without DSA.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train_spec: Optional[str],
@@ -263,7 +277,7 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--fit-steps", type=int, help="Iterations fitting decoder and latent means to K real images per "
               "class before the objective (0: start from random latents, as the paper).  [default: 1000]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @click.option("--classes", help="Distil a class subset (subtask), e.g. 0-4 or 0,3,7.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt (to the identical file).")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Iterations between checkpoints (0: only on Ctrl-C).")
@@ -359,7 +373,7 @@ def _encode_federated(spec: str, train: Any, budget: str, output: Optional[str],
 @click.option("--resolution", type=int, help="Resize images to N x N (as the parts were encoded).")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Cache folder (default: the one the parts record, else $D3CODEC_CACHE or ~/.cache/d3codec).")
-@click.option("--device", default="cpu", show_default=True)
+@_device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir: Optional[str],
               resolution: Optional[int], cache_dir: Optional[str], device: str, quiet: bool) -> None:
@@ -390,7 +404,7 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples.")
 @click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True,
               help="Magnify each image this many times (nearest neighbour).")
-@click.option("--device", default="cpu", show_default=True, help="Device to decode on (cpu, cuda).")
+@_device_option
 def sample_cmd(file: str, num: int, output: str, classes_spec: Optional[str], seed: int, scale: int,
                device: str) -> None:
     """Write a PNG grid of FILE's images: one row per class, the mean image first, then N samples."""
@@ -401,3 +415,37 @@ def sample_cmd(file: str, num: int, output: str, classes_spec: Optional[str], se
     image = sample_grid(d3, n=num, classes=_parse_classes(classes_spec), seed=seed, device=device, scale=scale)
     save_png(image, output)
     click.echo(f"wrote {output} ({image.width}x{image.height} px)")
+
+
+# ---- export: the file's images as a fixed set, for folder- and tensor-based evaluators (decode/export) ----
+
+@cli.command("export")
+@click.argument("file", metavar="FILE")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to create (it must not exist, or be empty).")
+@click.option("--per-class", type=click.IntRange(min=1), required=True,
+              help="Images per class: the mean images of the class's components first, then seeded draws.")
+@click.option("--format", "fmt", type=click.Choice(["imagefolder", "pt"]), default="imagefolder", show_default=True,
+              help="imagefolder: OUTPUT/<class>/<j>.png (uint8) and labels.pt; pt: OUTPUT/images.pt (float32 "
+                   "pixels in [0, 1], labels, class names, mean and std).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images decoded at a time (bounds memory).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT when an earlier `d3codec export` wrote it.")
+@_device_option
+def export_cmd(file: str, output: str, per_class: int, fmt: str, seed: int, batch_size: int, overwrite: bool,
+               device: str) -> None:
+    """Write FILE's images as a fixed labelled set: --per-class images per class (the mean images
+    first, then seeded random draws) with their labels (soft probabilities when the file has them),
+    for evaluators and training code that take an ImageFolder or an image tensor."""
+    from d3codec.decode.export import check_destination, export
+    from d3codec.format.io import load
+
+    check_destination(output, overwrite, (file,))
+    d3 = load(file)
+    result = export(d3, output, per_class, fmt, seed=seed, device=device, batch_size=batch_size,
+                    overwrite=overwrite, source=file)
+    where = "labels.pt" if fmt == "imagefolder" else "images.pt"
+    click.echo(f"wrote {result.images:,} images ({result.per_class} per class, the first "
+               f"{result.mean_images_per_class} the mean images; {result.labels} labels in {where}) of "
+               f"{result.num_classes} classes to {output} on {result.device}")

@@ -1,7 +1,7 @@
 """Sampling: latents -> images. `D3Dataset` streams training batches from a `.d3` file; the pieces
 below are shared with the encoder, the evaluator and the `sample` command.
 
-- `D3Dataset(path_or_d3, batch_size=256, device="cpu", seed=0, mode="mixed", ...)`
+- `D3Dataset(path_or_d3, batch_size=256, device="auto", seed=0, mode="mixed", ...)`
 - `build_decoders(d3, device) -> list[nn.Module]`: the file's decoders, eval mode, weights loaded.
 - `Renderer(d3, device)`: latents + classes -> decoder values, routed per class to its decoder.
 - `PriorTensors.from_priors(priors, device)`, `sample_latents(priors, classes, comps, generator)`.

@@ -92,6 +92,7 @@ class D3Dataset(IterableDataset):
 
     Args:
         batch_size: samples per batch (the last batch of an epoch may be smaller unless `drop_last`).
+        device: "auto" (CUDA when `torch.cuda.is_available()`, else the CPU), "cpu", "cuda" or "cuda:N".
         seed: fixes the whole stream (with epoch, batch size, device).
         mode: "mixed" (mean images and random draws, as the paper evaluates), "random" or "mean".
         class_weights: N non-negative weights: classes are drawn with these probabilities instead
@@ -116,7 +117,7 @@ class D3Dataset(IterableDataset):
             are soft or hard.
         source: the path the file was loaded from (None when a `D3File` was passed).
         num_classes: N, the classes of the file (and the width of soft labels).
-        batch_size, seed, mode, device: as passed (the device as a `torch.device`).
+        batch_size, seed, mode: as passed; device: the resolved `torch.device` ("auto" made concrete).
         epoch: the epoch the next iteration starts at (change it with `set_epoch`).
         epoch_size, rank, world_size, shard_size: the epoch over all ranks and this rank's part of
             it (properties; the defaults follow `torch.distributed` when read, see above).
@@ -125,7 +126,7 @@ class D3Dataset(IterableDataset):
     """
 
     def __init__(self, source: Union[str, os.PathLike, D3File], batch_size: int = 256,
-                 device: Union[str, torch.device] = "cpu", seed: int = 0, mode: str = "mixed",
+                 device: Union[str, torch.device] = "auto", seed: int = 0, mode: str = "mixed",
                  class_weights: Optional[Sequence[float]] = None, epoch_size: Optional[int] = None,
                  augment: Union[bool, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = False,
                  denormalize: bool = False, *, labels: str = "file", endless: bool = False,

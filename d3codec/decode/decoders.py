@@ -27,14 +27,25 @@ from d3codec.models.registry import DecoderError, UnknownDecoderError, build_dec
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_device(device: Union[str, torch.device]) -> torch.device:
-    """`device` as a torch.device, or a `ConfigError` when it names an accelerator that is not there."""
+def check_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """`device` as a torch.device. "auto" is CUDA when `torch.cuda.is_available()`, else the CPU;
+    an unknown name, or CUDA where torch sees none, is a one-line `ConfigError` naming the fix."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda (cuda:N picks one GPU)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use auto, cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise ConfigError(f"device {str(device)!r} was asked for but {why}; use cpu, or auto (CUDA "
+                              "when there is one, else the CPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r} was asked for but torch sees {torch.cuda.device_count()} "
+                              "CUDA device(s); use cuda (the first) or a smaller index")
     return dev
 
 

@@ -6,6 +6,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from d3codec.decode.decoders import check_device
 from d3codec.errors import ConfigError
 from d3codec.evaluate.baselines import TensorBatches, select_baseline
 from d3codec.evaluate.recipe import NormalizedTest, Recipe, summarize_runs, train_and_test
@@ -17,16 +18,18 @@ def _test_info(test: Any) -> dict[str, Any]:
             "fingerprint": test.fingerprint}
 
 
-def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Union[str, torch.device] = "cpu",
+def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Union[str, torch.device] = "auto",
                   progress: bool = True, epoch_size: Optional[int] = None) -> dict[str, Any]:
     """Train `recipe.runs` fresh networks only on `D3Dataset(path)` batches; test on `test`.
 
     The file's soft labels are used where it has them. Test images are normalised with the
-    file's mean and std, so both sides share one pixel space.
+    file's mean and std, so both sides share one pixel space. `device` "auto" is CUDA when there
+    is one, else the CPU; the report names the device that ran.
     """
     from d3codec.format.io import load
 
     recipe.validate()
+    device = check_device(device)
     d3 = load(path)
     meta = d3.metadata
     if meta.num_classes != test.num_classes or tuple(meta.image_shape) != tuple(test.image_shape):
@@ -65,10 +68,11 @@ def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Un
 
 
 def evaluate_baseline(codec: str, train: Any, test: Any, budget_bytes: int, recipe: Recipe = Recipe(), *,
-                      quality: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                      quality: Optional[int] = None, device: Union[str, torch.device] = "auto",
                       progress: bool = True) -> dict[str, Any]:
     """Random real images of `train` fitting `budget_bytes` under `codec`, hard labels, same recipe."""
     recipe.validate()
+    device = check_device(device)
     if train.fingerprint != test.fingerprint or train.num_classes != test.num_classes:
         raise ConfigError(f"--train {train.name} and --test {test.name} are different datasets; "
                           "give the same dataset to both (its train and test splits are used)")
