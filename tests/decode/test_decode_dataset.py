@@ -153,8 +153,9 @@ def test_rank_and_world_size_are_checked(make_d3) -> None:
 
 
 def test_works_as_a_dataloader_with_batch_size_none(make_d3) -> None:
-    ds = D3Dataset(make_d3("small", labels="dense"), batch_size=6, seed=4)
-    direct = list(ds)
+    d3 = make_d3("small", labels="dense")
+    direct = list(D3Dataset(d3, batch_size=6, seed=4))
+    ds = D3Dataset(d3, batch_size=6, seed=4)
     loaded = list(DataLoader(ds, batch_size=None))
     assert len(loaded) == len(direct) == len(ds)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(direct, loaded))
@@ -162,9 +163,9 @@ def test_works_as_a_dataloader_with_batch_size_none(make_d3) -> None:
 
 def test_map_style_index_is_the_stream_position(make_d3) -> None:
     ds = D3Dataset(make_d3("small", labels="topk"), batch_size=4, seed=9)
+    items = {i: ds[i] for i in (0, 5, 15, -1)}  # the epoch the next iteration draws
     x, y = _all(ds)
-    for i in (0, 5, 15, -1):
-        xi, yi = ds[i]
+    for i, (xi, yi) in items.items():
         assert torch.allclose(xi, x[i], atol=1e-5) and torch.equal(yi, y[i])
     with pytest.raises(IndexError):
         ds[16]
