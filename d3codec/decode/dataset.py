@@ -34,7 +34,9 @@ How the stream is defined (so it is deterministic, shardable and indexable):
   endless iteration runs on from its epoch; the next iteration starts after the last epoch it
   began. `set_epoch(e)` pins the epoch of the next iteration (later ones follow it), so code
   that calls it before every epoch, as for `DistributedSampler`, gets exactly epoch e.
-- `ds[i]` is position i of the current epoch (not sharded, not augmented): `(image, label)`.
+- `len(ds)` is the number of batches this rank yields per epoch, and `ds[i]` is the i-th of them
+  in the next iteration, augmentation included. `ds.sample(i)` is position i of the next epoch
+  over all ranks (not sharded, not augmented): `(image, label)`.
 """
 from __future__ import annotations
 
@@ -179,6 +181,10 @@ class D3Dataset(IterableDataset):
     no sample is skipped. The default epoch (whole rounds) usually ends in a smaller batch, and
     `drop_last=True` would drop those samples instead.
 
+    `len(ds)` counts the batches this rank yields per epoch (what `DataLoader(ds, batch_size=None)`
+    and progress bars read) and `ds[i]` is the i-th of them in the next iteration; `ds.sample(i)`
+    is one position of the epoch, `(image, label)`.
+
     Args:
         batch_size: samples per batch (the last batch of an epoch may be smaller unless `drop_last`).
         seed: fixes the whole stream (with epoch, batch size, device).
@@ -208,7 +214,7 @@ class D3Dataset(IterableDataset):
         batch_size, seed, mode, device: as passed (the device as a `torch.device`).
         epoch: the epoch the next iteration starts at: 0 at first, then one past the last epoch
             an iteration (here or in a DataLoader worker) began; `set_epoch(e)` (or assigning it)
-            pins it. `latents`, `batch` and `ds[i]` default to it.
+            pins it. `latents`, `batch`, `ds[i]` and `sample` default to it.
         epoch_size, rank, world_size, shard_size: the epoch over all ranks and this rank's part of
             it (properties; the defaults follow `torch.distributed` when read, see above).
 
@@ -449,16 +455,18 @@ class D3Dataset(IterableDataset):
             images = self.augment(images, gen)
         return images, labels
 
+    def _bounds(self, shard: int) -> list[tuple[int, int]]:
+        """The batches [s, e) of a shard of `shard` positions (the last one short unless `drop_last`)."""
+        ends = [(s, min(s + self.batch_size, shard)) for s in range(0, shard, self.batch_size)]
+        return [(s, e) for s, e in ends if not (self.drop_last and e - s < self.batch_size)]
+
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_world()
         shard = self._sizes(world)[1]
         begin = rank * shard
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for j, s in enumerate(range(0, shard, self.batch_size)):
-            e = min(s + self.batch_size, shard)
-            if self.drop_last and e - s < self.batch_size:
-                break
+        for j, (s, e) in enumerate(self._bounds(shard)):
             if j % workers == worker:
                 yield self.batch(begin + s, begin + e, epoch)
 
@@ -478,19 +486,42 @@ class D3Dataset(IterableDataset):
 
     # ---- map-style access ----
 
-    @property
-    def num_samples(self) -> int:
-        """Positions per epoch (valid `ds[i]` indices are 0 .. num_samples - 1)."""
-        return self.epoch_size
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position `index` of the current epoch: `(image [C, H, W], label)`, deterministic, no augmentation."""
+        """The `index`-th batch the next iteration yields on this rank, augmentation included:
+        `(images, labels)`; `index` runs over `len(ds)` batches (negative counts from the end), or
+        on into the following epochs for an endless stream. Reading does not advance the epoch."""
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"D3Dataset indices are integers, not {type(index).__name__}")
-        i = index + self.epoch_size if index < 0 else index
-        if not 0 <= i < self.epoch_size:
-            raise IndexError(f"index {index} is out of range for an epoch of {self.epoch_size} samples")
-        images, labels = self.decode(self.latents(i, i + 1))
+        rank, world = self._rank_world()
+        shard = self._sizes(world)[1]
+        bounds = self._bounds(shard)
+        n = len(bounds)
+        if self.endless:
+            if index < 0 or n == 0:
+                raise IndexError(f"batch {index} of an endless D3Dataset: index from 0 (an endless stream has no end)")
+            epoch, j = self.epoch + index // n, index % n
+        else:
+            epoch, j = self.epoch, index + n if index < 0 else index
+            if not 0 <= j < n:
+                raise IndexError(f"batch {index} is out of range: this rank yields {n} batches per epoch")
+        s, e = bounds[j]
+        return self.batch(rank * shard + s, rank * shard + e, epoch)
+
+    @property
+    def num_samples(self) -> int:
+        """Positions per epoch (valid `sample(i)` positions are 0 .. num_samples - 1)."""
+        return self.epoch_size
+
+    def sample(self, index: int, epoch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position `index` of `epoch` (default `self.epoch`, the next iteration's) over all ranks,
+        not augmented: `(image [C, H, W], label)`, deterministic; negative counts from the end."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"D3Dataset positions are integers, not {type(index).__name__}")
+        size = self.epoch_size
+        i = index + size if index < 0 else index
+        if not 0 <= i < size:
+            raise IndexError(f"position {index} is out of range for an epoch of {size} samples")
+        images, labels = self.decode(self.latents(i, i + 1, epoch))
         return images[0], labels[0]
 
     def __repr__(self) -> str:
