@@ -34,6 +34,8 @@ How the stream is defined (so it is deterministic, shardable and indexable):
   endless iteration runs on from its epoch; the next iteration starts after the last epoch it
   began. `set_epoch(e)` pins the epoch of the next iteration (later ones follow it), so code
   that calls it before every epoch, as for `DistributedSampler`, gets exactly epoch e.
+- Memory: the priors stay in their stored dtype (only the rows a batch draws are dequantised,
+  `PriorTensors`), plus the epoch's permutation (4 bytes per slot) and the batch in flight.
 - `len(ds)` is the number of batches this rank yields per epoch, and `ds[i]` is the i-th of them
   in the next iteration, augmentation included. `ds.sample(i)` is position i of the next epoch
   over all ranks (not sharded, not augmented): `(image, label)`.
@@ -66,6 +68,12 @@ def _seed(*parts: Any) -> int:
     """A 63-bit seed from parts (seed, epoch, purpose, index): independent, reproducible streams."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    """int32 for permutations of up to 2^31 slots (half the memory; `randperm` draws the same
+    permutation in either dtype), else int64."""
+    return torch.int32 if n < 2 ** 31 else torch.int64
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -366,7 +374,7 @@ class D3Dataset(IterableDataset):
     def _permutation(self, epoch: int, size: int) -> torch.Tensor:
         if self._perm is None or self._perm[:2] != (epoch, size):
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, "perm"))
-            self._perm = (epoch, size, torch.randperm(size, generator=g).to(self.device))
+            self._perm = (epoch, size, torch.randperm(size, generator=g, dtype=_index_dtype(size)).to(self.device))
         return self._perm[2]
 
     def _round_slots(self, epoch: int, size: int, pos: torch.Tensor) -> torch.Tensor:
@@ -381,9 +389,10 @@ class D3Dataset(IterableDataset):
                 if len(self._round_perms) >= 4:
                     self._round_perms.pop(next(iter(self._round_perms)))
                 g = torch.Generator().manual_seed(_seed(self.seed, rr, "round"))
-                self._round_perms[rr] = torch.randperm(self.round, generator=g).to(self.device)
+                self._round_perms[rr] = torch.randperm(self.round, generator=g,
+                                                       dtype=_index_dtype(self.round)).to(self.device)
             mask = r == rr
-            slot[mask] = self._round_perms[rr][idx[mask]]
+            slot[mask] = self._round_perms[rr][idx[mask]].long()
         return slot
 
     def _block(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,7 +427,7 @@ class D3Dataset(IterableDataset):
         if self.class_cdf is None:
             size = self.epoch_size
             if size % self.round == 0:
-                slot = self._permutation(epoch, size)[pos % size] % self.round
+                slot = self._permutation(epoch, size)[pos % size].long() % self.round
             else:
                 slot = self._round_slots(epoch, size, pos)
             if self.mode == "mixed":
