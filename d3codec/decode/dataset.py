@@ -119,7 +119,7 @@ class EpochClock:
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a DataLoader worker (spawn) receives the shared tensor itself; a plain pickle or deepcopy
         # gets a private copy, made shared so that its own workers advance it
-        self.t = state["t"] if state["t"].is_shared() else state["t"].clone().share_memory_()
+        self.t = state["t"] if state["t"].is_shared() else state["t"].share_memory_()
 
     def _slots(self) -> torch.Tensor:
         return self.t[2:].view(-1, 3)
