@@ -25,12 +25,26 @@ How the stream is defined (so it is deterministic, shardable and indexable):
   they are used, so a dataset built before `init_process_group` is sharded like one built after.
   DataLoader workers split a rank's batches round-robin; a pickled dataset (a worker's copy under
   the spawn start method) keeps the rank and world size of the process group it was pickled in.
-- `ds[i]` is position i of the current epoch (not sharded, not augmented): `(image, label)`.
+- Each new iteration over the dataset is the next epoch (as FFCV's `Loader`): a loop
+  `for epoch in range(E): for x, y in ds:` gets epochs 0, 1, ... E - 1, fresh draws each time, and
+  a new dataset with the same arguments repeats that sequence. This holds through
+  `DataLoader(ds, batch_size=None, num_workers=W)` (fork or spawn, persistent workers or not:
+  each DataLoader epoch is one new iteration, its workers agree on its epoch through counters in
+  shared memory, `EpochClock`) and per rank under DDP, so ranks that loop alike stay in step. An
+  endless iteration runs on from its epoch; the next iteration starts after the last epoch it
+  began. `set_epoch(e)` pins the epoch of the next iteration (later ones follow it), so code
+  that calls it before every epoch, as for `DistributedSampler`, gets exactly epoch e.
+- Memory: the priors stay in their stored dtype (only the rows a batch draws are dequantised,
+  `PriorTensors`), plus the epoch's permutation (4 bytes per slot) and the batch in flight.
+- `len(ds)` is the number of batches this rank yields per epoch, and `ds[i]` is the i-th of them
+  in the next iteration, augmentation included. `ds.sample(i)` is position i of the next epoch
+  over all ranks (not sharded, not augmented): `(image, label)`.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -46,12 +60,20 @@ from d3codec.format.types import D3File
 MODES = ("mixed", "random", "mean")
 #: Positions per random-draw block (one generator seed each).
 BLOCK = 4096
+#: Most DataLoader workers per loader that the epoch counters (`EpochClock`) serve.
+MAX_WORKERS = 64
 
 
 def _seed(*parts: Any) -> int:
     """A 63-bit seed from parts (seed, epoch, purpose, index): independent, reproducible streams."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    """int32 for permutations of up to 2^31 slots (half the memory; `randperm` draws the same
+    permutation in either dtype), else int64."""
+    return torch.int32 if n < 2 ** 31 else torch.int64
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -71,12 +93,89 @@ class Draw:
     z: torch.Tensor  # [B, D] float32
 
 
+class EpochClock:
+    """Which epoch each new iteration over a dataset starts at, agreed by every process that holds
+    a copy: the main process and its DataLoader workers (fork or spawn, persistent or not).
+
+    Counters live in one shared-memory int64 tensor (shared across fork, and across spawn through
+    torch's pickling), no locks: `[base, main, then per loader width n = 1..MAX_WORKERS and worker
+    w < n: started, next after an even run, next after an odd run]`, epochs relative to `base`.
+    A "next" entry is the first epoch not yet begun by that iterator slot. A new iteration in the
+    main process starts at the furthest "next" of all slots. Worker w of an n-worker DataLoader
+    starts at the furthest "next" of everything but its own loader width, and of its own width
+    only the previous run's entries (parity of `started`): every worker of one DataLoader epoch
+    reads the same values, whichever starts first, so they agree on the epoch. An endless
+    iteration moves its slot's "next" on as it crosses epochs. `pin(e)` sets base e and zeroes
+    the counters.
+    """
+
+    def __init__(self) -> None:
+        widths = MAX_WORKERS * (MAX_WORKERS + 1) // 2
+        self.t = torch.zeros(2 + 3 * widths, dtype=torch.int64).share_memory_()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"t": self.t}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a DataLoader worker (spawn) receives the shared tensor itself; a plain pickle or deepcopy
+        # gets a private copy, made shared so that its own workers advance it
+        self.t = state["t"] if state["t"].is_shared() else state["t"].share_memory_()
+
+    def _slots(self) -> torch.Tensor:
+        return self.t[2:].view(-1, 3)
+
+    def _frontier(self, skip: Optional[int] = None) -> int:
+        """The furthest "next" of the main slot and every worker slot outside loader width `skip`."""
+        nexts = self._slots()[:, 1:]
+        if skip is not None:
+            lo = (skip - 1) * skip // 2
+            nexts = torch.cat([nexts[:lo], nexts[lo + skip:]])
+        return max(int(self.t[1]), int(nexts.max()))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch a new iteration in the main process starts at."""
+        return int(self.t[0]) + self._frontier()
+
+    def pin(self, epoch: int) -> None:
+        self.t.zero_()
+        self.t[0] = epoch
+
+    def begin(self, worker: Optional[int] = None, workers: int = 1) -> tuple[int, int, int]:
+        """Claim the epoch a new iteration starts at (`worker` of a `workers`-worker DataLoader, or
+        None: the main process): `(epoch, base, index of the slot's "next" entry)`."""
+        base = int(self.t[0])
+        if worker is None:
+            rel, index = self._frontier(), 1
+        else:
+            if workers > MAX_WORKERS:
+                raise ConfigError(f"D3Dataset counts epochs for DataLoaders of at most {MAX_WORKERS} workers, "
+                                  f"not {workers}; use fewer num_workers")
+            slots = self._slots()
+            lo = (workers - 1) * workers // 2
+            mine = slots[lo:lo + workers]
+            run = int(mine[worker, 0])
+            rel = self._frontier(skip=workers)
+            if run > 0:
+                rel = max(rel, int(mine[:, 1 + (run - 1) % 2].max()))
+            mine[worker, 0] = run + 1
+            index = 2 + 3 * (lo + worker) + 1 + run % 2
+        self.t[index] = rel + 1
+        return base + rel, base, index
+
+    def reached(self, epoch: int, base: int, index: int) -> None:
+        """An endless iteration claimed with `base` moved on to `epoch`."""
+        if int(self.t[0]) == base:  # not pinned since
+            self.t[index] = max(int(self.t[index]), epoch - base + 1)
+
+
 class D3Dataset(IterableDataset):
     """Training batches `(images, labels)` decoded on `device` from a `.d3` file (path or `D3File`).
 
-    Iterating yields one epoch of this rank's batches (forever with `endless=True`). The stream is
-    fixed by the seed: the same arguments draw the same batches in every run, and ranks given the
-    same seed split one stream into disjoint parts (no sampler needed).
+    Iterating yields one epoch of this rank's batches (forever with `endless=True`), and each new
+    iteration is the next epoch, with fresh draws (`epoch`, `set_epoch`; module docstring). The
+    stream is fixed by the seed: the same arguments draw the same sequence of epochs in every run,
+    and ranks given the same seed split each epoch into disjoint parts (no sampler needed).
 
     Training for a fixed number of optimizer steps: pass `endless=True` and
     `epoch_size=batch_size * world_size` (`batch_size` in one process), and stop after N batches:
@@ -90,6 +189,10 @@ class D3Dataset(IterableDataset):
     no sample is skipped. The default epoch (whole rounds) usually ends in a smaller batch, and
     `drop_last=True` would drop those samples instead.
 
+    `len(ds)` counts the batches this rank yields per epoch (what `DataLoader(ds, batch_size=None)`
+    and progress bars read) and `ds[i]` is the i-th of them in the next iteration; `ds.sample(i)`
+    is one position of the epoch, `(image, label)`.
+
     Args:
         batch_size: samples per batch (the last batch of an epoch may be smaller unless `drop_last`).
         device: "auto" (CUDA when `torch.cuda.is_available()`, else the CPU), "cpu", "cuda" or "cuda:N".
@@ -99,7 +202,7 @@ class D3Dataset(IterableDataset):
             of balanced rounds.
         epoch_size: samples per epoch over all ranks (default: one round, 2 N K for mixed and N K
             otherwise, or the fewest whole rounds that fill `batch_size` samples on each rank).
-        endless: iterate forever (epoch after epoch from the current one) instead of one epoch.
+        endless: iterate forever (epoch after epoch from the next one) instead of one epoch.
         augment: True for DSA (`d3codec.augment.DSA()`), or any `aug(x, generator) -> x`.
         denormalize: images in [0, 1] instead of the file's `(p - mean) / std`.
         labels: "file" (soft probabilities if the file has them) or "hard" (int64 class ids).
@@ -118,7 +221,9 @@ class D3Dataset(IterableDataset):
         source: the path the file was loaded from (None when a `D3File` was passed).
         num_classes: N, the classes of the file (and the width of soft labels).
         batch_size, seed, mode: as passed; device: the resolved `torch.device` ("auto" made concrete).
-        epoch: the epoch the next iteration starts at (change it with `set_epoch`).
+        epoch: the epoch the next iteration starts at: 0 at first, then one past the last epoch
+            an iteration (here or in a DataLoader worker) began; `set_epoch(e)` (or assigning it)
+            pins it. `latents`, `batch`, `ds[i]` and `sample` default to it.
         epoch_size, rank, world_size, shard_size: the epoch over all ranks and this rank's part of
             it (properties; the defaults follow `torch.distributed` when read, see above).
 
@@ -156,7 +261,7 @@ class D3Dataset(IterableDataset):
         self.d3, self.device = d3, check_device(device)
         self.batch_size, self.seed, self.mode = batch_size, int(seed), mode
         self.endless, self.drop_last, self.denormalize = endless, drop_last, denormalize
-        self.epoch = 0
+        self._clock = EpochClock()
         self._rank, self._world = rank, world_size
         self.priors = PriorTensors.from_priors(d3.priors, self.device)
         n, k = self.priors.num_classes, self.priors.latents_per_class
@@ -246,14 +351,31 @@ class D3Dataset(IterableDataset):
         s = self.shard_size
         return s // self.batch_size if self.drop_last else math.ceil(s / self.batch_size)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration starts at: 0 for a new dataset, one past the last epoch any
+        iteration began (in this process or its DataLoader workers), or what `set_epoch` pinned."""
+        return self._clock.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Use epoch `epoch`'s stream (as `DistributedSampler.set_epoch`)."""
-        self.epoch = int(epoch)
+        """The next iteration uses epoch `epoch`, and later ones `epoch + 1`, ... (as
+        `DistributedSampler.set_epoch`: a loop that calls it before every epoch gets exactly that epoch)."""
+        try:
+            e = -1 if isinstance(epoch, bool) else operator.index(epoch)
+        except TypeError:
+            e = -1
+        if e < 0:
+            raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self._clock.pin(e)
 
     def _permutation(self, epoch: int, size: int) -> torch.Tensor:
         if self._perm is None or self._perm[:2] != (epoch, size):
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, "perm"))
-            self._perm = (epoch, size, torch.randperm(size, generator=g).to(self.device))
+            self._perm = (epoch, size, torch.randperm(size, generator=g, dtype=_index_dtype(size)).to(self.device))
         return self._perm[2]
 
     def _round_slots(self, epoch: int, size: int, pos: torch.Tensor) -> torch.Tensor:
@@ -268,9 +390,10 @@ class D3Dataset(IterableDataset):
                 if len(self._round_perms) >= 4:
                     self._round_perms.pop(next(iter(self._round_perms)))
                 g = torch.Generator().manual_seed(_seed(self.seed, rr, "round"))
-                self._round_perms[rr] = torch.randperm(self.round, generator=g).to(self.device)
+                self._round_perms[rr] = torch.randperm(self.round, generator=g,
+                                                       dtype=_index_dtype(self.round)).to(self.device)
             mask = r == rr
-            slot[mask] = self._round_perms[rr][idx[mask]]
+            slot[mask] = self._round_perms[rr][idx[mask]].long()
         return slot
 
     def _block(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +417,7 @@ class D3Dataset(IterableDataset):
 
     def latents(self, start: int, stop: int, epoch: Optional[int] = None) -> Draw:
         """Classes, components and latents of global positions [start, stop) of `epoch` (default
-        the current one); positions past `epoch_size` wrap around (padding)."""
+        `self.epoch`, the next iteration's); positions past `epoch_size` wrap around (padding)."""
         epoch = self.epoch if epoch is None else epoch
         if not 0 <= start < stop:
             raise ConfigError(f"positions must satisfy 0 <= start < stop, got [{start}, {stop})")
@@ -305,7 +428,7 @@ class D3Dataset(IterableDataset):
         if self.class_cdf is None:
             size = self.epoch_size
             if size % self.round == 0:
-                slot = self._permutation(epoch, size)[pos % size] % self.round
+                slot = self._permutation(epoch, size)[pos % size].long() % self.round
             else:
                 slot = self._round_slots(epoch, size, pos)
             if self.mode == "mixed":
@@ -342,42 +465,73 @@ class D3Dataset(IterableDataset):
             images = self.augment(images, gen)
         return images, labels
 
+    def _bounds(self, shard: int) -> list[tuple[int, int]]:
+        """The batches [s, e) of a shard of `shard` positions (the last one short unless `drop_last`)."""
+        ends = [(s, min(s + self.batch_size, shard)) for s in range(0, shard, self.batch_size)]
+        return [(s, e) for s, e in ends if not (self.drop_last and e - s < self.batch_size)]
+
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_world()
         shard = self._sizes(world)[1]
         begin = rank * shard
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for j, s in enumerate(range(0, shard, self.batch_size)):
-            e = min(s + self.batch_size, shard)
-            if self.drop_last and e - s < self.batch_size:
-                break
+        for j, (s, e) in enumerate(self._bounds(shard)):
             if j % workers == worker:
                 yield self.batch(begin + s, begin + e, epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.epoch
+        """This rank's batches of the next epoch (see `epoch`), and of the ones after it if endless."""
+        info = get_worker_info()
+        claim = self._clock.begin(*((info.id, info.num_workers) if info is not None else ()))
+        return self._stream(*claim)
+
+    def _stream(self, epoch: int, base: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield from self._epoch_batches(epoch)
             if not self.endless:
                 return
             epoch += 1
+            self._clock.reached(epoch, base, index)
 
     # ---- map-style access ----
 
-    @property
-    def num_samples(self) -> int:
-        """Positions per epoch (valid `ds[i]` indices are 0 .. num_samples - 1)."""
-        return self.epoch_size
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position `index` of the current epoch: `(image [C, H, W], label)`, deterministic, no augmentation."""
+        """The `index`-th batch the next iteration yields on this rank, augmentation included:
+        `(images, labels)`; `index` runs over `len(ds)` batches (negative counts from the end), or
+        on into the following epochs for an endless stream. Reading does not advance the epoch."""
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"D3Dataset indices are integers, not {type(index).__name__}")
-        i = index + self.epoch_size if index < 0 else index
-        if not 0 <= i < self.epoch_size:
-            raise IndexError(f"index {index} is out of range for an epoch of {self.epoch_size} samples")
-        images, labels = self.decode(self.latents(i, i + 1))
+        rank, world = self._rank_world()
+        shard = self._sizes(world)[1]
+        bounds = self._bounds(shard)
+        n = len(bounds)
+        if self.endless:
+            if index < 0 or n == 0:
+                raise IndexError(f"batch {index} of an endless D3Dataset: index from 0 (an endless stream has no end)")
+            epoch, j = self.epoch + index // n, index % n
+        else:
+            epoch, j = self.epoch, index + n if index < 0 else index
+            if not 0 <= j < n:
+                raise IndexError(f"batch {index} is out of range: this rank yields {n} batches per epoch")
+        s, e = bounds[j]
+        return self.batch(rank * shard + s, rank * shard + e, epoch)
+
+    @property
+    def num_samples(self) -> int:
+        """Positions per epoch (valid `sample(i)` positions are 0 .. num_samples - 1)."""
+        return self.epoch_size
+
+    def sample(self, index: int, epoch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position `index` of `epoch` (default `self.epoch`, the next iteration's) over all ranks,
+        not augmented: `(image [C, H, W], label)`, deterministic; negative counts from the end."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"D3Dataset positions are integers, not {type(index).__name__}")
+        size = self.epoch_size
+        i = index + size if index < 0 else index
+        if not 0 <= i < size:
+            raise IndexError(f"position {index} is out of range for an epoch of {size} samples")
+        images, labels = self.decode(self.latents(i, i + 1, epoch))
         return images[0], labels[0]
 
     def __repr__(self) -> str:

@@ -8,12 +8,18 @@ or 4 of them), so of the 64 (input pixel, output pixel) blocks of the dense matr
 36 (k4) are non-zero. Two tilings of those blocks into GEMMs `[B, n_in Cin] @ [n_in Cin, n_out Cout]`
 that read windows of the input and write slices of the NHWC output in place:
 
-- "pixels" (1 thread): per output row, one GEMM per run of columns that read the same pixels: only
-  the non-zero blocks (12 GEMMs for k3), the fewest flops.
-- "rows" (several threads): one GEMM per run of output rows that read the same input rows, zero
-  blocks inside a row kept (3 GEMMs, 40 blocks for k3): fewer, larger GEMMs split better over
-  threads and lose less when the cores are oversubscribed (every parallel region can cost a time
-  slice there: on the shared 2-core sandbox, 512 -> 256 at 2 threads: 12 GEMMs 160 ms, 3 GEMMs 84).
+- "pixels": per output row, one GEMM per run of columns that read the same pixels: only the
+  non-zero blocks (12 GEMMs for k3), the fewest flops.
+- "rows": one GEMM per run of output rows that read the same input rows, zero blocks inside a row
+  kept (3 GEMMs, 40 blocks for k3): fewer, larger GEMMs, which split better over threads and lose
+  less when the cores are oversubscribed.
+
+The tiling follows the shapes only (`PIXELS_MIN_ENTRIES`), never the thread count, so a process
+and its one-thread DataLoader workers decode with the same GEMMs (the two tilings differ in the
+last bits). Wide layers get "pixels": its smallest GEMM is then large enough to split over threads
+(the paper's large, 1024 -> 512, batch 256 on the shared 2-core sandbox: 146 ms vs 266 for "rows"
+at 1 thread, 194 vs 236 at 2); narrower ones "rows" (512 -> 256: 61 vs 73 ms at 1 thread, but
+171 vs 96 at 2, where 12 small parallel regions each cost a scheduler slice).
 
 When the stem has a Linear and composing it is cheaper (`small`: z of 64), Linear and conv become
 one dense `[B, z] @ [z, 16 Cout]` matmul ("fused"). Matrices are the stored weights rearranged
@@ -36,6 +42,10 @@ from d3codec.models._upsample import UpsamplingDecoder
 
 #: Largest stem matrices (entries, all groups) `fast_decoder` builds: 64 Mi floats = 256 MiB.
 MAX_STEM_ELEMENTS = 1 << 26
+#: Cin x Cout of the transposed conv from which the stem is tiled by "pixels" (else "rows").
+PIXELS_MIN_ENTRIES = 1 << 19
+#: The tilings of the 2x2 map (module docstring).
+TILINGS = ("pixels", "rows")
 
 
 #: Raster pixels of the 2x2 map in an order where every single pixel, row, column and the whole map
@@ -146,16 +156,18 @@ def _plain_conv(module: nn.Module) -> Optional[nn.ConvTranspose2d]:
     return conv
 
 
-def plan_stem(module: nn.Module, threads: Optional[int] = None) -> Optional[tuple[str, int]]:
-    """`(kind, matrix entries)` of the stem `fast_decoder` builds for `module` with `threads` intra-op
-    threads (default: torch's now): "fused", "pixels" (1 thread) or "rows"; None where the size rule
-    says no (not an `UpsamplingDecoder` with a plain first ConvTranspose, or more than
-    `MAX_STEM_ELEMENTS` entries)."""
+def plan_stem(module: nn.Module, tiling: Optional[str] = None) -> Optional[tuple[str, int]]:
+    """`(kind, matrix entries)` of the stem `fast_decoder` builds for `module`: "fused", else the
+    tiling (`tiling`, default the shape rule: "pixels" from `PIXELS_MIN_ENTRIES` Cin x Cout, else
+    "rows"); None where the size rule says no (not an `UpsamplingDecoder` with a plain first
+    ConvTranspose, or more than `MAX_STEM_ELEMENTS` entries)."""
     conv = _plain_conv(module)
     if conv is None:
         return None
-    threads = torch.get_num_threads() if threads is None else threads
-    tiling = "pixels" if threads <= 1 else "rows"
+    if tiling is None:
+        tiling = "pixels" if conv.in_channels * conv.out_channels >= PIXELS_MIN_ENTRIES else "rows"
+    elif tiling not in TILINGS:
+        raise ValueError(f"tiling must be one of {', '.join(TILINGS)}, not {tiling!r}")
     pieces, side = _pieces(conv, tiling)
     cin, cout = conv.in_channels, conv.out_channels
     grouped = sum(n * cin * (y1 - y0) * (x1 - x0) * cout for _, n, y0, y1, x0, x1 in pieces)
@@ -168,9 +180,9 @@ def plan_stem(module: nn.Module, threads: Optional[int] = None) -> Optional[tupl
 
 
 @torch.no_grad()
-def build_stem(module: nn.Module, threads: Optional[int] = None) -> Optional[AffineStem]:
+def build_stem(module: nn.Module, tiling: Optional[str] = None) -> Optional[AffineStem]:
     """The `AffineStem` of an eval-mode `UpsamplingDecoder` (see `plan_stem`), or None."""
-    plan = plan_stem(module, threads)
+    plan = plan_stem(module, tiling)
     if plan is None:
         return None
     kind = plan[0]
@@ -225,11 +237,11 @@ def _window(pixels: tuple[int, ...]) -> tuple[int, int]:
     raise AssertionError(f"no window of {_SEQUENCE} holds pixels {pixels}")  # pragma: no cover - 2x2 maps
 
 
-def fast_decoder(module: nn.Module, channels_last: bool = True, threads: Optional[int] = None) -> nn.Module:
-    """`module` with its stem as matmuls (`FastDecoder`), tiled for `threads` (default: torch's
-    intra-op threads now), or `module` itself where the size rule says no (module docstring).
+def fast_decoder(module: nn.Module, channels_last: bool = True, tiling: Optional[str] = None) -> nn.Module:
+    """`module` with its stem as matmuls (`FastDecoder`), tiled by `tiling` (default: from the
+    shapes, see `plan_stem`), or `module` itself where the size rule says no (module docstring).
     For inference only: the stem's matrices are copies of the weights taken here."""
     if module.training:
         return module
-    stem = build_stem(module, threads)
+    stem = build_stem(module, tiling)
     return module if stem is None else FastDecoder(module, stem, channels_last).eval()

@@ -153,21 +153,55 @@ def test_rank_and_world_size_are_checked(make_d3) -> None:
 
 
 def test_works_as_a_dataloader_with_batch_size_none(make_d3) -> None:
-    ds = D3Dataset(make_d3("small", labels="dense"), batch_size=6, seed=4)
-    direct = list(ds)
+    d3 = make_d3("small", labels="dense")
+    direct = list(D3Dataset(d3, batch_size=6, seed=4))
+    ds = D3Dataset(d3, batch_size=6, seed=4)
     loaded = list(DataLoader(ds, batch_size=None))
     assert len(loaded) == len(direct) == len(ds)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(direct, loaded))
 
 
-def test_map_style_index_is_the_stream_position(make_d3) -> None:
-    ds = D3Dataset(make_d3("small", labels="topk"), batch_size=4, seed=9)
-    x, y = _all(ds)
+def test_len_counts_batches_and_ds_i_is_the_ith_batch_of_the_next_iteration(make_d3) -> None:
+    d3 = make_d3("small", labels="topk")  # a mixed epoch of 16 samples: batches 5, 5, 5, 1
+    ds = D3Dataset(d3, batch_size=5, seed=9, augment=True)
+    items = [ds[i] for i in range(len(ds))] + [ds[-1], ds[-4]]
+    assert ds.epoch == 0  # reading does not advance the epoch
+    batches = list(ds)
+    assert len(ds) == len(batches) == 4 and [len(x) for x, _ in items] == [5, 5, 5, 1, 1, 5]
+    for (xi, yi), (x, y) in zip(items, batches + [batches[-1], batches[0]]):
+        assert torch.equal(xi, x) and torch.equal(yi, y)  # the same batch, augmentation included
+    assert torch.equal(ds[0][1], next(iter(ds))[1])  # now the next iteration's: epoch 2's
+    for bad in (4, -5):
+        with pytest.raises(IndexError, match="this rank yields 4 batches per epoch"):
+            ds[bad]
+    with pytest.raises(TypeError):
+        ds[1.0]
+    # drop_last, a rank's shard, and an endless stream running on into the next epochs
+    dropped = D3Dataset(d3, batch_size=3, seed=9, drop_last=True, rank=1, world_size=2)  # 8 per rank: 3, 3
+    items = [dropped[i][1] for i in range(len(dropped))]
+    assert len(items) == 2 and all(torch.equal(a, y) for a, (_, y) in zip(items, dropped, strict=True))
+    endless = D3Dataset(d3, batch_size=8, seed=9, endless=True)
+    stream = [y for _, (_, y) in zip(range(5), endless)]
+    fresh = D3Dataset(d3, batch_size=8, seed=9, endless=True)
+    assert all(torch.equal(fresh[i][1], y) for i, y in enumerate(stream))
+    with pytest.raises(IndexError, match="endless"):
+        fresh[-1]
+
+
+def test_sample_is_one_position_of_the_epoch_unsharded_and_unaugmented(make_d3) -> None:
+    d3 = make_d3("small", labels="topk")
+    x, y = _all(D3Dataset(d3, batch_size=4, seed=9))
+    ds = D3Dataset(d3, batch_size=3, seed=9, augment=True, rank=1, world_size=2)
+    assert ds.num_samples == ds.epoch_size == 16
     for i in (0, 5, 15, -1):
-        xi, yi = ds[i]
+        xi, yi = ds.sample(i)
         assert torch.allclose(xi, x[i], atol=1e-5) and torch.equal(yi, y[i])
-    with pytest.raises(IndexError):
-        ds[16]
+    later = D3Dataset(d3, batch_size=4, seed=9)
+    later.set_epoch(1)
+    assert torch.allclose(ds.sample(3, epoch=1)[0], _all(later)[0][3], atol=1e-5)
+    for bad in (16, -17):
+        with pytest.raises(IndexError, match="epoch of 16 samples"):
+            ds.sample(bad)
 
 
 # ---- what is drawn ----

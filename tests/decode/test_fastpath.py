@@ -13,7 +13,7 @@ from d3codec.decode.fastpath import FastDecoder, build_stem, fast_decoder, plan_
 from d3codec.models import build_decoder
 
 #: (family, hparams, fused) covering every stem kind: small -> fused (z of 8), medium with a wide z ->
-#: tiled after its Linear, large -> tiled straight from z; tilings "pixels" (1 thread) and "rows".
+#: tiled after its Linear, large -> tiled straight from z; tilings "pixels" and "rows".
 CASES = {
     "small": ({"width": 8, "latent_dim": 8}, True),
     "medium": ({"width": 16, "latent_dim": 256}, False),
@@ -37,13 +37,13 @@ def _decoder(case: str, norm: str, size: int, seed: int = 0) -> torch.nn.Module:
     return m.eval()
 
 
-@pytest.mark.parametrize("case,norm,size,threads",
-                         list(itertools.product(CASES, ("batch", "instance", "none"), (16, 12), (1, 2))))
+@pytest.mark.parametrize("case,norm,size,tiling",
+                         list(itertools.product(CASES, ("batch", "instance", "none"), (16, 12), fastpath.TILINGS)))
 def test_fast_decoder_draws_the_plain_decoders_images_per_sample(case: str, norm: str, size: int,
-                                                                  threads: int) -> None:
+                                                                  tiling: str) -> None:
     m = _decoder(case, norm, size)
-    fast = fast_decoder(m, threads=threads)
-    kind = "fused" if CASES[case][1] else ("pixels" if threads == 1 else "rows")
+    fast = fast_decoder(m, tiling=tiling)
+    kind = "fused" if CASES[case][1] else tiling
     assert isinstance(fast, FastDecoder) and fast.stem.kind == kind
     z = torch.randn(9, m.latent_dim) * 2
     with torch.inference_mode():
@@ -57,12 +57,12 @@ def test_fast_decoder_draws_the_plain_decoders_images_per_sample(case: str, norm
         assert torch.equal(fast(z), batch)  # deterministic
 
 
-@pytest.mark.parametrize("threads,blocks", [(1, 25), (2, 40)])
-def test_tiled_stem_is_the_transposed_conv_as_a_linear_map(threads: int, blocks: int) -> None:
+@pytest.mark.parametrize("tiling,blocks", [("pixels", 25), ("rows", 40)])
+def test_tiled_stem_is_the_transposed_conv_as_a_linear_map(tiling: str, blocks: int) -> None:
     """On the identity basis (and zero, for the bias) the stem gives the conv's own outputs: the
     matrices are the conv weights rearranged, the dense matrix's 64 blocks never all stored."""
     m = _decoder("large", "none", 16)
-    stem = build_stem(m, threads)
+    stem = build_stem(m, tiling)
     conv = m.blocks[0].conv
     basis = torch.cat([torch.zeros(1, m.latent_dim), torch.eye(m.latent_dim)])
     with torch.inference_mode():
@@ -88,19 +88,33 @@ def test_size_rule_of_the_papers_decoders() -> None:
           "large": {"width": 1024, "latent_dim": 4096}}
     with torch.device("meta"):
         ms = {f: build_decoder(f, 1, {"channels": 3, "image_size": 64, **h}) for f, h in hp.items()}
-    assert {f: plan_stem(m, threads=1) for f, m in ms.items()} == {
+    assert {f: plan_stem(m) for f, m in ms.items()} == {
         "small": ("fused", 64 * 16 * 128),  # Linear composed in: 64 x (4 x 4 x 128)
-        "medium": ("pixels", 25 * 512 * 256),  # composing 2048 x 4096 would cost more
+        "medium": ("fused", 2048 * 16 * 256),  # composed: fewer multiply-adds than Linear + 40 row blocks
         "large": ("pixels", 25 * 1024 * 512)}  # 50 MiB: 2.8x the conv's 9 taps, not the dense 64 blocks
-    assert plan_stem(ms["large"], threads=2) == ("rows", 40 * 1024 * 512)
+    assert plan_stem(ms["large"], tiling="rows") == ("rows", 40 * 1024 * 512)
+    with pytest.raises(ValueError, match="tiling must be one of"):
+        plan_stem(ms["large"], tiling="columns")
+
+
+def test_the_plan_follows_the_shapes_not_the_thread_count(monkeypatch) -> None:
+    """A DataLoader worker runs with one intra-op thread: it must build the stem its parent built."""
+    with torch.device("meta"):
+        ms = [build_decoder(f, 1, {"channels": 3, "image_size": 32, "width": w, "latent_dim": 4096})
+              for f, w in (("medium", 256), ("large", 1024))]
+    plans = []
+    for threads in (1, 2, 8):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        plans.append([plan_stem(m) for m in ms])
+    assert plans[0] == plans[1] == plans[2] and [p[0] for p in plans[0]] == ["rows", "pixels"]
 
 
 def test_over_the_size_cap_or_in_training_the_module_is_kept(monkeypatch) -> None:
     m = _decoder("large", "none", 16)
     monkeypatch.setattr(fastpath, "MAX_STEM_ELEMENTS", 25 * 16 * 8 - 1)
-    assert plan_stem(m, threads=1) is None and fast_decoder(m, threads=1) is m
+    assert plan_stem(m, tiling="pixels") is None and fast_decoder(m, tiling="pixels") is m
     monkeypatch.setattr(fastpath, "MAX_STEM_ELEMENTS", 25 * 16 * 8)
-    assert isinstance(fast_decoder(m, threads=1), FastDecoder) and fast_decoder(m, threads=2) is m
+    assert isinstance(fast_decoder(m, tiling="pixels"), FastDecoder) and fast_decoder(m, tiling="rows") is m
     assert fast_decoder(m.train()) is m
     assert fast_decoder(torch.nn.Linear(4, 4).eval()).__class__ is torch.nn.Linear
 
