@@ -113,6 +113,13 @@ def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
     return out
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device torch does not know or that is not there, before any work."""
+    from d3codec.decode.decoders import check_device
+
+    check_device(device)
+
+
 def _open_split(spec: str, split: str, data_dir: Optional[str], resolution: Optional[int],
                 skip_bad_images: bool, cache_dir: Optional[str], quiet: bool) -> Any:
     from d3codec.data import open_dataset
@@ -168,6 +175,7 @@ def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int]
 
     from d3codec.encode.experts import ensure_experts
 
+    _check_device(device)
     train = _open_split(dataset, "train", data_dir, resolution, skip_bad_images, cache_dir, quiet)
     test = _open_split(dataset, "test", data_dir, resolution, skip_bad_images, cache_dir, True)
     experts = ensure_experts(train, num_experts=num_experts, epochs=epochs, classes=_parse_classes(classes),
@@ -309,6 +317,12 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
 
     if not dry_run and not output:
         raise ConfigError("give an output file with -o/--output (or use --dry-run)")
+    _check_device(device)
+    federated = subtasks is not None or subtask is not None or split is not None or nproc != 1
+    if not dry_run:  # before the data is decoded: nothing found late, no input overwritten
+        from d3codec.encode.api import check_output
+
+        check_output(output, inputs=[dataset, data_dir], resume=None if federated else resume)
     if threads:
         import torch
 
@@ -321,7 +335,7 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
                             latent_dim=latent_dim, width=width, num_experts=num_experts,
                             expert_epochs=expert_epochs, cache_dir=cache_dir,
                             overrides={"unroll": unroll} if unroll else {})
-    if subtasks is not None or subtask is not None or split is not None or nproc != 1:
+    if federated:
         _encode_federated(dataset, train, budget, output, options, data_dir=data_dir, resolution=resolution,
                           skip_bad_images=skip_bad_images, cache_dir=cache_dir, subtasks=subtasks, subtask=subtask,
                           split=split, nproc=nproc, threads=threads)
@@ -374,6 +388,10 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
 
     if not spec and (data_dir or resolution or cache_dir):
         raise ConfigError("--data-dir, --resolution and --cache-dir describe --dataset; give --dataset too")
+    from d3codec._paths import check_output_file
+
+    check_output_file(output, inputs=parts)
+    _check_device(device)
     data = DataSpec.of(spec, data_dir, resolution, False, cache_dir) if spec else None
     merge_parts(list(parts), output, data=data, device=device, quiet=quiet)
 
@@ -384,7 +402,8 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
 @click.argument("file", metavar="FILE")
 @click.option("-n", "num", type=click.IntRange(min=0), default=8, show_default=True,
               help="Random samples per class, after the mean image.")
-@click.option("-o", "--output", required=True, help="PNG file to write.")
+@click.option("-o", "--output", required=True,
+              help="Image file to write; its suffix names the format (.png, .jpg, .webp, .bmp, .tif).")
 @click.option("--classes", "classes_spec", default=None,
               help="Class ids, e.g. 0,1,2 or 0-4 (default: the first 20 classes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples.")
@@ -393,11 +412,18 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
 @click.option("--device", default="cpu", show_default=True, help="Device to decode on (cpu, cuda).")
 def sample_cmd(file: str, num: int, output: str, classes_spec: Optional[str], seed: int, scale: int,
                device: str) -> None:
-    """Write a PNG grid of FILE's images: one row per class, the mean image first, then N samples."""
-    from d3codec.decode.grid import sample_grid, save_png
+    """Write a grid of FILE's images: one row per class, the mean image first, then N samples.
+    The grid is at most 49 megapixels."""
+    from d3codec._paths import check_output_file
+    from d3codec.decode.grid import check_grid_size, image_format, sample_grid, save_image
     from d3codec.format.io import load
 
+    check_output_file(output, inputs=[file], example="grid.png")
+    image_format(output)
+    _check_device(device)
     d3 = load(file)
-    image = sample_grid(d3, n=num, classes=_parse_classes(classes_spec), seed=seed, device=device, scale=scale)
-    save_png(image, output)
+    classes = _parse_classes(classes_spec)
+    check_grid_size(d3, num, classes, scale=scale)
+    image = sample_grid(d3, n=num, classes=classes, seed=seed, device=device, scale=scale)
+    save_image(image, output)
     click.echo(f"wrote {output} ({image.width}x{image.height} px)")

@@ -33,8 +33,17 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        raise ConfigError(f"device {str(device)!r} was asked for but this torch {torch.__version__} has no "
+                          f"{dev.type} device available; use cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ConfigError(f"device {str(device)!r} was asked for but there are only {count()} {dev.type} "
+                          f"device(s); use an index below {count()}")
     return dev
 
 

@@ -75,13 +75,23 @@ class EncodeOptions:
         return n, e
 
 
-def check_output(output: Optional[str]) -> None:
-    """Refuse a missing -o or an output folder that does not exist, before any training."""
+def check_output(output: Optional[str], *, inputs: Sequence[Optional[str]] = (), resume: Optional[bool] = None) -> None:
+    """Before any training: refuse a missing -o, an output that is a folder, sits in a missing or
+    unwritable folder, or would replace an input; and (when `resume` is given) an interrupted run's
+    checkpoint `<output>.ckpt` that a run without --resume would throw away."""
+    from d3codec._paths import check_output_file
+
     if output is None:
         raise ConfigError("give an output file with -o/--output (or use --dry-run)")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"output folder {out_dir} does not exist; create it or choose another -o path")
+    check_output_file(output, inputs)
+    ckpt = output + ".ckpt"
+    if resume is False and os.path.exists(ckpt):
+        from d3codec.encode.checkpoint import checkpoint_iteration
+
+        at = checkpoint_iteration(ckpt)
+        where = f" (stopped at iteration {at})" if at is not None else ""
+        raise ConfigError(f"{ckpt} holds an interrupted encode{where}; add --resume to continue it, "
+                          f"or delete {ckpt} to start over")
 
 
 def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int], dataset: Any,
@@ -144,13 +154,16 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     """
     options = options or EncodeOptions()
     say: Log = log or (lambda s: None if options.quiet else print(s, file=sys.stderr))
+    from d3codec.decode.decoders import check_device
+
+    check_device(options.device)
     plan, cfg, real, prov = plan_for(dataset, budget, options)
     say(plan.summary())
     say(f"{cfg.fit_iterations} fit iterations (K real images per class), then objective {cfg.objective}, "
         f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
     if options.dry_run:
         return plan
-    check_output(output)
+    check_output(output, resume=options.resume)
     torch.manual_seed(cfg.seed)  # nothing should use the global RNG; this pins anything that does
 
     from d3codec.encode.experts import ensure_experts

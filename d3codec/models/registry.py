@@ -88,6 +88,13 @@ def is_registered(family: str, version: int) -> bool:
     return (family, version) in _REGISTRY
 
 
+def image_size_range() -> tuple[int, int]:
+    """(smallest, largest) image side, in pixels, that the built-in decoder families draw."""
+    from d3codec.models._upsample import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    return MIN_IMAGE_SIZE, MAX_IMAGE_SIZE
+
+
 def _known() -> str:
     return ", ".join(f"{s.family} v{s.version}" for s in decoder_specs())
 
