@@ -74,14 +74,17 @@ def info_cmd(file: str, as_json: bool) -> None:
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing for valid files.")
 def verify_cmd(files: tuple[str, ...], quiet: bool) -> None:
-    """Check .d3 files fully (checksum, header, every tensor). Exit 0 when all are valid, else
-    exit 1 with one `error: FILE: reason` line per bad file on stderr."""
+    """Check .d3 files fully (checksum, header, every tensor, and that this d3codec builds every
+    decoder from its family, version, hparams and weights). Exit 0 when all are valid, else exit 1
+    with one `error: FILE: reason` line per bad file on stderr."""
+    from d3codec.decode.decoders import check_decoders
     from d3codec.format.io import load
 
     bad = 0
     for file in files:
         try:
             d3 = load(file)
+            check_decoders(d3)
         except D3Error as exc:
             bad += 1
             message = str(exc)

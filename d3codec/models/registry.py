@@ -39,6 +39,10 @@ class DecoderHparamsError(DecoderError):
     """The hyper-parameters are missing, of the wrong type, out of range, or unknown."""
 
 
+class UnknownHparamError(DecoderHparamsError):
+    """A hyper-parameter this d3codec does not define (a newer one may)."""
+
+
 @dataclass(frozen=True)
 class DecoderSpec:
     """A registered architecture: its name, version, builder and the d3codec release that added it."""
@@ -114,7 +118,7 @@ def build_decoder(family: str, version: int, hparams: Mapping[str, Any]) -> nn.M
         what = (f"decoder family {family!r} version {version} (this d3codec knows versions "
                 f"{', '.join(map(str, versions))})" if versions else f"decoder family {family!r}")
         raise UnknownDecoderError(f"{what} is unknown to d3codec {__version__} (it knows {_known()}); "
-                                  "upgrade d3codec (pip install -U d3codec) to decode it")
+                                  "a newer d3codec may define it (pip install -U d3codec)")
     return spec.builder(dict(hparams))
 
 
@@ -135,8 +139,8 @@ class Hparams:
         self.raw = dict(hparams)
         unknown = sorted(set(self.raw) - set(allowed))
         if unknown:
-            raise DecoderHparamsError(f"{self.name} has unknown hyper-parameter {unknown[0]!r} (known: "
-                                      f"{', '.join(sorted(allowed))}); this file needs a newer d3codec: pip install -U d3codec")
+            raise UnknownHparamError(f"{self.name} has unknown hyper-parameter {unknown[0]!r} (known: "
+                                     f"{', '.join(sorted(allowed))}); d3codec {__version__} does not define it")
         self.resolved: dict[str, Any] = {}
 
     def int(self, key: str, default: Optional[int] = None, lo: int = 1, hi: int = 1 << 20) -> int:
