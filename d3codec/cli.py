@@ -133,13 +133,15 @@ def _open_split(spec: str, split: str, data_dir: Optional[str], resolution: Opti
         names = ds.skipped_images
         click.echo(f"skipped {len(names)} unreadable image(s): {', '.join(names[:5])}"
                    + (" ..." if len(names) > 5 else ""), err=True)
+    if ds.conversion_note and split == "train":
+        click.echo(f"note: {ds.conversion_note}", err=True)
     return ds
 
 
 def _data_options(f: Any) -> Any:
     for option in reversed([
         click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with a builtin dataset's files."),
-        click.option("--resolution", type=int, help="Resize images to N x N (default: native size)."),
+        click.option("--resolution", type=click.IntRange(min=1), help="Resize images to N x N (default: native size)."),
         click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images instead of stopping."),
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="Cache folder (default: $D3CODEC_CACHE or ~/.cache/d3codec)."),
@@ -151,8 +153,10 @@ def _data_options(f: Any) -> Any:
 @cli.command("experts")
 @click.argument("dataset", metavar="DATASET")
 @_data_options
-@click.option("--experts", "num_experts", type=int, default=5, show_default=True, help="Number of experts.")
-@click.option("--expert-epochs", "epochs", type=int, default=10, show_default=True, help="Epochs per expert.")
+@click.option("--experts", "num_experts", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Number of experts.")
+@click.option("--expert-epochs", "epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Epochs per expert.")
 @click.option("--classes", help="Train on a class subset (subtask), e.g. 0-4 or 0,3,7.")
 @click.option("--lr", type=float, default=0.01, show_default=True)
 @click.option("--batch", "batch_size", type=int, default=256, show_default=True)
@@ -269,15 +273,16 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @_data_options
 @click.option("--objective", type=click.Choice(["auto", "mtt+mmd", "mmd", "mtt"]), default="auto", show_default=True,
               help="auto: mtt+mmd (the paper's) on CUDA, mmd on CPU.")
-@click.option("--iterations", type=int, help="Distillation iterations of the objective, after the fit "
-              "(default: 10000 on CUDA, 100 on CPU).")
-@click.option("--fit-steps", type=int, help="Iterations fitting decoder and latent means to K real images per "
+@click.option("--iterations", type=click.IntRange(min=0), help="Distillation iterations of the objective, after "
+              "the fit (0: the fit alone; default: 10000 on CUDA, 100 on CPU).")
+@click.option("--fit-steps", type=click.IntRange(min=0), help="Iterations fitting decoder and latent means to K real images per "
               "class before the objective (0: start from random latents, as the paper).  [default: 1000]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--classes", help="Distil a class subset (subtask), e.g. 0-4 or 0,3,7.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt (to the identical file).")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Iterations between checkpoints (0: only on Ctrl-C).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Iterations between checkpoints (0: only on Ctrl-C).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and byte breakdown, then stop.")
 @click.option("--weights-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
               help="Storage of decoder weights.")
@@ -288,22 +293,23 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
                    "soft: the teacher's probabilities (the paper's). auto: soft when the teacher trains "
                    "for at least 1,000 SGD steps (the GPU default), else hard: a teacher trained for "
                    "about an epoch, as on CPU, caps the student near its own accuracy (RESULTS.md).")
-@click.option("--latents-per-class", type=int, help="K (default: planned).")
-@click.option("--latent-dim", type=int, help="D (default: planned).")
-@click.option("--width", type=int, help="Decoder width (default: the widest that fits).")
-@click.option("--experts", "num_experts", type=int, help="Experts to train/reuse (default: 1 on CPU for mmd).")
-@click.option("--expert-epochs", type=int, help="Epochs per expert.")
+@click.option("--latents-per-class", type=click.IntRange(min=1), help="K, at least 1 (default: planned).")
+@click.option("--latent-dim", type=click.IntRange(min=1), help="D, at least 1 (default: planned).")
+@click.option("--width", type=click.IntRange(min=1), help="Decoder width (default: the widest that fits).")
+@click.option("--experts", "num_experts", type=click.IntRange(min=1),
+              help="Experts to train/reuse, at least 1 (default: 1 on CPU for mmd).")
+@click.option("--expert-epochs", type=click.IntRange(min=1), help="Epochs per expert, at least 1 (default: planned).")
 @click.option("--unroll", type=click.Choice(["exact", "tesla", "naive"]), help="Trajectory-matching gradient.")
-@click.option("--subtasks", type=int, help="Federated: split the classes into N subtasks (own experts, decoder, "
+@click.option("--subtasks", type=click.IntRange(min=1), help="Federated: split the classes into N subtasks (own experts, decoder, "
               "budget share), run them in parallel ranks, merge into one file.")
-@click.option("--subtask", type=int, help="With --subtasks: run only subtask I and write its part file to -o "
+@click.option("--subtask", type=click.IntRange(min=0), help="With --subtasks: run only subtask I and write its part file to -o "
               "(batch-cluster jobs; then d3codec merge).")
 @click.option("--split", type=click.Choice(["contiguous", "balanced"]), help="With --subtasks: contiguous class "
               "ranges (default, as the paper) or balanced by image count.")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --subtasks: local processes (under torchrun the ranks are the processes). "
                    "More ranks than subtasks share each subtask's expert training; the file is the same.")
-@click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads, at least 1 (default: torch's).")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars.")
 def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
                skip_bad_images: bool, cache_dir: Optional[str], objective: str, iterations: Optional[int],

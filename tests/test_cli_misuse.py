@@ -223,3 +223,63 @@ def test_resnet18_counts_flops_on_the_smallest_images_it_takes() -> None:
 
     model = build_model("resnet18", (1, 9, 9), 3, torch.Generator().manual_seed(0))
     assert model.training and forward_flops(model, (1, 9, 9)) > 0 and model.training
+
+
+# ---- silent surprises are said ----
+
+def test_a_class_with_one_image_that_caps_k_is_named(tmp_path, cache) -> None:
+    rng = np.random.default_rng(0)
+    src = tmp_path / "one.npz"
+    np.savez(src, x=rng.integers(0, 255, (61, 8, 8), dtype=np.uint8), y=np.array([0] * 30 + [1] * 30 + [2]))
+    result = run("encode", src, "--budget", "4ipc", "--dry-run", "-q", "--cache-dir", cache)
+    assert result.exit_code == 0, result.output
+    (line,) = [s for s in result.output.splitlines() if s.startswith("warning:")]
+    assert "class '2' has only 1 training image" in line and "K=1" in line and "--classes" in line
+    even = run("encode", _npz(tmp_path / "even.npz", n=60, classes=3), "--budget", "4ipc", "--dry-run",
+               "--cache-dir", cache)
+    assert even.exit_code == 0 and "warning:" not in even.output
+
+
+def test_an_image_folder_of_mixed_sizes_and_colours_says_what_was_converted(tmp_path, cache) -> None:
+    root = tmp_path / "mixed"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            # class 0: 12x12 RGB; class 1: three grey 12x12 and three RGB 20x20
+            grey, big = c == 1 and i < 3, c == 1 and i >= 3
+            size = (20, 20) if big else (12, 12)
+            Image.new("L" if grey else "RGB", size, 30 * i if grey else (30 * i, 10, 200)).save(
+                root / f"c{c}" / f"{i}.png")
+    result = run("experts", root, "--experts", "1", "--expert-epochs", "1", "-q", "--cache-dir", cache)
+    assert result.exit_code == 0, result.output
+    (note,) = [s for s in result.output.splitlines() if s.startswith("note:")]
+    assert "3 of 12 images resized to 12x12" in note and "3 grey images converted to RGB" in note
+    same = tmp_path / "same"
+    for c in range(2):
+        (same / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i + c).save(same / f"c{c}" / f"{i}.png")
+    result = run("experts", same, "--experts", "1", "--expert-epochs", "1", "-q", "--cache-dir", cache)
+    assert result.exit_code == 0 and "note:" not in result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["encode", "digits", "--budget", "1ipc", "--dry-run", "--latents-per-class", "0"],
+    ["encode", "digits", "--budget", "1ipc", "--dry-run", "--experts", "0"],
+    ["encode", "digits", "--budget", "1ipc", "--dry-run", "--expert-epochs", "0"],
+    ["encode", "digits", "--budget", "1ipc", "--dry-run", "--threads", "0"],
+    ["encode", "digits", "--budget", "1ipc", "--dry-run", "--checkpoint-every", "-5"],
+    ["encode", "digits", "--budget", "1ipc", "--dry-run", "--latent-dim", "0"],
+    ["experts", "digits", "--experts", "0"],
+    ["experts", "digits", "--expert-epochs", "0"],
+])
+def test_counts_that_mean_nothing_are_usage_errors(args, tmp_path) -> None:
+    result = run(*args, "--cache-dir", tmp_path)
+    assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "datasets").exists()
+
+
+def test_help_says_what_zero_means() -> None:
+    text = " ".join(run("encode", "--help").output.split())
+    assert "(0: only on Ctrl-C)" in text and "(0: start from random latents" in text and "(0: the fit alone" in text
+

@@ -195,6 +195,7 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
         if isinstance(train, ArrayItems) and isinstance(test, ArrayItems):
             bad_rows: list[int] = []
             bad_names: list[str] = []
+            changed = [0, 0]  # arrays are resized only by an explicit --resolution
             sums, sqs = _write_arrays(images_path, [train.x, test.x], size, channels, n_train, bar)
             labels = np.concatenate([train.y, test.y]).astype(np.int64)
         else:
@@ -208,7 +209,8 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
                     labels[row:row + n] = c
                     row += n
             labels.flush()
-            bad, sums, sqs = _decode_files(images_path, [train, test], size, channels, n_train, bar, workers)
+            bad, sums, sqs, changed = _decode_files(images_path, [train, test], size, channels, n_train, bar,
+                                                    workers)
             bad.sort()
             bad_rows, bad_names = [r for r, _ in bad], [n for _, n in bad]
     skipped: list[str] = []
@@ -248,6 +250,8 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
         "std": [float(v) for v in std],
         "resolution": resolution,
         "skipped_images": skipped,
+        "resized_images": int(changed[0]) if resolution is None else 0,  # --resolution resizes on purpose
+        "converted_images": int(changed[1]),
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -295,23 +299,26 @@ def _tasks(splits: list[FileItems]) -> Iterator[tuple[int, list[str], list[str]]
 
 
 def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], channels: int, n_train: int,
-                  bar: tqdm, workers: Optional[int]) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray]:
+                  bar: tqdm, workers: Optional[int]) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray, list[int]]:
     """Decode image files into the cache file, in worker processes for large sets.
 
     At most a few chunks per worker are in flight, and paths are listed class by class, so
-    memory does not grow with the number of images. Returns the bad (row, name) pairs and
-    pixel sums of the good train rows.
+    memory does not grow with the number of images. Returns the bad (row, name) pairs, pixel sums
+    of the good train rows, and the counts of images resized and converted between grey and colour.
     """
     total = sum(len(items) for items in splits)
     workers = min(os.cpu_count() or 1, _MAX_WORKERS) if workers is None else max(1, workers)
     bad: list[tuple[int, str]] = []
     sums, sqs = np.zeros(channels), np.zeros(channels)
+    changed = [0, 0]  # images resized, images converted between grey and colour
 
-    def collect(result: tuple[int, int, list[int], np.ndarray, np.ndarray], names: list[str]) -> None:
+    def collect(result: tuple[int, int, list[int], np.ndarray, np.ndarray, int, int], names: list[str]) -> None:
         nonlocal sums, sqs
-        start, n, rows, s1, s2 = result
+        start, n, rows, s1, s2, resized, converted = result
         bad.extend((r, names[r - start]) for r in rows)
         sums, sqs = sums + s1, sqs + s2
+        changed[0] += resized
+        changed[1] += converted
         bar.update(n)
 
     if workers == 1 or total < 4 * CHUNK:
@@ -321,7 +328,7 @@ def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], cha
                 collect(_decode.decode_into(fd, start, paths, size, channels, n_train), names)
         finally:
             os.close(fd)
-        return bad, sums, sqs
+        return bad, sums, sqs, changed
     # fork (as torch's DataLoader on Linux): unlike spawn, it does not re-import the user's
     # __main__ script in every worker; workers use only numpy and Pillow, never torch.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -336,7 +343,7 @@ def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], cha
         while in_flight:
             result, done_names = in_flight.popleft()
             collect(result.get(), done_names)
-    return bad, sums, sqs
+    return bad, sums, sqs, changed
 
 
 def _compact(path: str, keep: np.ndarray, row_bytes: int) -> None:
