@@ -3,7 +3,9 @@ never thrown away, unwritable or absurd outputs are refused before any work, and
 gets one `error:` line, never a traceback."""
 from __future__ import annotations
 
+import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -283,3 +285,68 @@ def test_help_says_what_zero_means() -> None:
     text = " ".join(run("encode", "--help").output.split())
     assert "(0: only on Ctrl-C)" in text and "(0: start from random latents" in text and "(0: the fit alone" in text
 
+
+# ---- small things ----
+
+def test_npz_files_that_are_not_npz_get_advice_without_allow_pickle(tmp_path, cache) -> None:
+    text = tmp_path / "text.npz"
+    text.write_text("hello\n")
+    one_error_line(run("encode", text, "--budget", "1ipc", "--dry-run", "--cache-dir", cache),
+                   "not an .npz (zip) archive", "numpy.savez")
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    os.replace(tmp_path / "arr.npy", tmp_path / "arr.npz")
+    one_error_line(run("encode", tmp_path / "arr.npz", "--budget", "1ipc", "--dry-run", "--cache-dir", cache),
+                   "single .npy array")
+    np.savez(tmp_path / "obj.npz", x=np.array([object()], dtype=object), y=np.zeros(1))
+    result = run("encode", tmp_path / "obj.npz", "--budget", "1ipc", "--dry-run", "--cache-dir", cache)
+    one_error_line(result, "pickled")
+    assert "allow_pickle" not in result.output
+
+
+def test_nothing_to_train_names_cli_options(tmp_path, cache) -> None:
+    result = run("encode", "digits", "--budget", "1ipc", "--iterations", "0", "--fit-steps", "0",
+                 "-o", tmp_path / "d.d3", "--cache-dir", cache)
+    one_error_line(result, "--iterations", "--fit-steps")
+    assert "init=" not in result.output
+
+
+def test_a_scale_beyond_float32_is_one_line_without_a_runtime_warning(tmp_path) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from format.d3bytes import rebuild
+    from d3codec.format import dumps
+
+    bad = tmp_path / "over.d3"
+    bad.write_bytes(rebuild(dumps(random_d3(0, dtype="I8")),
+                            header=lambda h: h["decoders"][0]["tensors"]["fc.bias"].update(scale=[1e39])))
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "d3codec", "verify", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a positive finite float32" in r.stderr
+
+
+def test_the_subtask_budget_error_names_a_budget_that_works(cache) -> None:
+    result = run("encode", "digits", "--budget", "1ipc", "--subtasks", "2", "--dry-run", "-q", "--cache-dir", cache)
+    one_error_line(result, "too small for 2 subtasks", "raise --budget to")
+    need = re.search(r"raise --budget to ([\d,]+\d)", result.output).group(1).replace(",", "")
+    assert int(need) > 2560
+    ok = run("encode", "digits", "--budget", need, "--subtasks", "2", "--dry-run", "-q", "--cache-dir", cache)
+    assert ok.exit_code == 0, ok.output
+
+
+def test_experts_trained_without_a_test_split_print_no_accuracy(tmp_path, cache, monkeypatch) -> None:
+    from d3codec.data import open_dataset
+    from d3codec.encode.experts import ensure_experts
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    train = open_dataset("digits", cache_dir=cache, progress=False)
+    test = open_dataset("digits", split="test", cache_dir=cache, progress=False)
+    for test_dataset, seed in ((None, 11), (test, 12)):
+        err = Terminal()
+        monkeypatch.setattr(sys, "stderr", err)
+        ensure_experts(train, num_experts=1, epochs=1, seed=seed, cache_dir=str(tmp_path), test_dataset=test_dataset)
+        monkeypatch.undo()
+        printed = [s for s in re.split(r"[\r\n]", err.getvalue()) if "held-out accuracy" in s]
+        assert "None" not in err.getvalue()
+        assert printed == ([] if test_dataset is None else ["expert 0: held-out accuracy " + printed[0].split()[-1]])
