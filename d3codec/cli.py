@@ -275,7 +275,8 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
               help="auto: mtt+mmd (the paper's) on CUDA, mmd on CPU.")
 @click.option("--iterations", type=click.IntRange(min=0), help="Distillation iterations of the objective, after "
               "the fit (0: the fit alone; default: 10000 on CUDA, 100 on CPU).")
-@click.option("--fit-steps", type=click.IntRange(min=0), help="Iterations fitting decoder and latent means to K real images per "
+@click.option("--fit-steps", type=click.IntRange(min=0), help="Iterations fitting decoder and latent means to K real "
+              "images per "
               "class before the objective (0: start from random latents, as the paper).  [default: 1000]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -300,9 +301,11 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
               help="Experts to train/reuse, at least 1 (default: 1 on CPU for mmd).")
 @click.option("--expert-epochs", type=click.IntRange(min=1), help="Epochs per expert, at least 1 (default: planned).")
 @click.option("--unroll", type=click.Choice(["exact", "tesla", "naive"]), help="Trajectory-matching gradient.")
-@click.option("--subtasks", type=click.IntRange(min=1), help="Federated: split the classes into N subtasks (own experts, decoder, "
+@click.option("--subtasks", type=click.IntRange(min=1), help="Federated: split the classes into N subtasks (own "
+              "experts, decoder, "
               "budget share), run them in parallel ranks, merge into one file.")
-@click.option("--subtask", type=click.IntRange(min=0), help="With --subtasks: run only subtask I and write its part file to -o "
+@click.option("--subtask", type=click.IntRange(min=0), help="With --subtasks: run only subtask I and write its part "
+              "file to -o "
               "(batch-cluster jobs; then d3codec merge).")
 @click.option("--split", type=click.Choice(["contiguous", "balanced"]), help="With --subtasks: contiguous class "
               "ranges (default, as the paper) or balanced by image count.")
@@ -329,9 +332,11 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
     _check_device(device)
     federated = subtasks is not None or subtask is not None or split is not None or nproc != 1
     if not dry_run:  # before the data is decoded: nothing found late, no input overwritten
+        from d3codec.data.sources import BUILTINS
         from d3codec.encode.api import check_output
 
-        check_output(output, inputs=[dataset, data_dir], resume=None if federated else resume)
+        source = None if dataset in BUILTINS else dataset  # a builtin name is never a path
+        check_output(output, inputs=[source, data_dir], resume=None if federated else resume)
     if threads:
         import torch
 

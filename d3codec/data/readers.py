@@ -103,13 +103,12 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
                     f"{path} holds {sorted(z.files)}, not 'x' and 'y'; save images as x (N,H,W[,C]) uint8 and labels as y (N,)"
                 )
             x, y = z["x"], z["y"]
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         if "pickle" in str(exc):
             raise DatasetError(f"{path} holds Python objects (pickled), which d3codec does not load; save x as a "
                                "uint8 array and y as an integer array with numpy.savez(path, x=..., y=...)") from None
-        raise DatasetError(f"cannot read {path} as .npz: {exc}; write it with numpy.savez(path, x=..., y=...)") from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path} as .npz: {exc}; write it with numpy.savez(path, x=..., y=...)") from None
+        raise DatasetError(f"cannot read {path} as .npz: {exc}; write it with numpy.savez(path, x=..., y=...)"
+                           ) from None
     if x.dtype != np.uint8:
         raise DatasetError(f"{path}: x is {x.dtype}, not uint8; store pixels as uint8 0..255")
     if x.ndim == 3:

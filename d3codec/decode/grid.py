@@ -123,11 +123,13 @@ def save_image(image: Image.Image, path: str) -> None:
     if not os.path.isdir(folder):
         raise ConfigError(f"cannot write {path}: folder {folder} does not exist; create it or choose another -o")
     if os.path.isdir(path):
-        raise ConfigError(f"cannot write {path}: it is a folder; give a file path such as {os.path.join(path, 'grid.png')}")
+        raise ConfigError(f"cannot write {path}: it is a folder; give a file path such as "
+                          f"{os.path.join(path, 'grid.png')}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     except OSError as exc:
-        raise ConfigError(f"cannot write to folder {folder} ({exc.strerror or exc}); choose a writable -o path") from None
+        raise ConfigError(f"cannot write to folder {folder} ({exc.strerror or exc}); "
+                          "choose a writable -o path") from None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
