@@ -545,6 +545,8 @@ def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, de
     stale = os.path.isfile(marker) and open(marker).read().strip() != fplan.run
     if stale or not os.path.isfile(marker):
         for old in (trained, trained + ".ckpt"):  # another run's leftovers
+            if stale and os.path.exists(old):
+                say(f"subtask {index}: removing {old}, left by a run with other settings (this run's key differs)")
             try:
                 os.unlink(old)
             except OSError:
