@@ -88,14 +88,17 @@ def info_cmd(file: str, as_json: bool) -> None:
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing for valid files.")
 def verify_cmd(files: tuple[str, ...], quiet: bool) -> None:
-    """Check .d3 files fully (checksum, header, every tensor). Exit 0 when all are valid, else
-    exit 1 with one `error: FILE: reason` line per bad file on stderr."""
+    """Check .d3 files fully (checksum, header, every tensor, and that this d3codec builds every
+    decoder from its family, version, hparams and weights). Exit 0 when all are valid, else exit 1
+    with one `error: FILE: reason` line per bad file on stderr."""
+    from d3codec.decode.decoders import check_decoders
     from d3codec.format.io import load
 
     bad = 0
     for file in files:
         try:
             d3 = load(file)
+            check_decoders(d3)
         except D3Error as exc:
             bad += 1
             message = str(exc)
@@ -137,13 +140,15 @@ def _open_split(spec: str, split: str, data_dir: Optional[str], resolution: Opti
         names = ds.skipped_images
         click.echo(f"skipped {len(names)} unreadable image(s): {', '.join(names[:5])}"
                    + (" ..." if len(names) > 5 else ""), err=True)
+    if ds.conversion_note and split == "train":
+        click.echo(f"note: {ds.conversion_note}", err=True)
     return ds
 
 
 def _data_options(f: Any) -> Any:
     for option in reversed([
         click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with a builtin dataset's files."),
-        click.option("--resolution", type=int, help="Resize images to N x N (default: native size)."),
+        click.option("--resolution", type=click.IntRange(min=1), help="Resize images to N x N (default: native size)."),
         click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images instead of stopping."),
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="Cache folder (default: $D3CODEC_CACHE or ~/.cache/d3codec)."),
@@ -155,8 +160,10 @@ def _data_options(f: Any) -> Any:
 @cli.command("experts")
 @click.argument("dataset", metavar="DATASET")
 @_data_options
-@click.option("--experts", "num_experts", type=int, default=5, show_default=True, help="Number of experts.")
-@click.option("--expert-epochs", "epochs", type=int, default=10, show_default=True, help="Epochs per expert.")
+@click.option("--experts", "num_experts", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Number of experts.")
+@click.option("--expert-epochs", "epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Epochs per expert.")
 @click.option("--classes", help="Train on a class subset (subtask), e.g. 0-4 or 0,3,7.")
 @click.option("--lr", type=float, default=0.01, show_default=True)
 @click.option("--batch", "batch_size", type=int, default=256, show_default=True)
@@ -272,15 +279,17 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @_data_options
 @click.option("--objective", type=click.Choice(["auto", "mtt+mmd", "mmd", "mtt"]), default="auto", show_default=True,
               help="auto: mtt+mmd (the paper's) on CUDA, mmd on CPU.")
-@click.option("--iterations", type=int, help="Distillation iterations of the objective, after the fit "
-              "(default: 10000 on CUDA, 100 on CPU).")
-@click.option("--fit-steps", type=int, help="Iterations fitting decoder and latent means to K real images per "
+@click.option("--iterations", type=click.IntRange(min=0), help="Distillation iterations of the objective, after "
+              "the fit (0: the fit alone; default: 10000 on CUDA, 100 on CPU).")
+@click.option("--fit-steps", type=click.IntRange(min=0), help="Iterations fitting decoder and latent means to K real "
+              "images per "
               "class before the objective (0: start from random latents, as the paper).  [default: 1000]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_device_option
 @click.option("--classes", help="Distil a class subset (subtask), e.g. 0-4 or 0,3,7.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt (to the identical file).")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Iterations between checkpoints (0: only on Ctrl-C).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Iterations between checkpoints (0: only on Ctrl-C).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and byte breakdown, then stop.")
 @click.option("--weights-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
               help="Storage of decoder weights.")
@@ -291,22 +300,25 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
                    "soft: the teacher's probabilities (the paper's). auto: soft when the teacher trains "
                    "for at least 1,000 SGD steps (the GPU default), else hard: a teacher trained for "
                    "about an epoch, as on CPU, caps the student near its own accuracy (RESULTS.md).")
-@click.option("--latents-per-class", type=int, help="K (default: planned).")
-@click.option("--latent-dim", type=int, help="D (default: planned).")
-@click.option("--width", type=int, help="Decoder width (default: the widest that fits).")
-@click.option("--experts", "num_experts", type=int, help="Experts to train/reuse (default: 1 on CPU for mmd).")
-@click.option("--expert-epochs", type=int, help="Epochs per expert.")
+@click.option("--latents-per-class", type=click.IntRange(min=1), help="K, at least 1 (default: planned).")
+@click.option("--latent-dim", type=click.IntRange(min=1), help="D, at least 1 (default: planned).")
+@click.option("--width", type=click.IntRange(min=1), help="Decoder width (default: the widest that fits).")
+@click.option("--experts", "num_experts", type=click.IntRange(min=1),
+              help="Experts to train/reuse, at least 1 (default: 1 on CPU for mmd).")
+@click.option("--expert-epochs", type=click.IntRange(min=1), help="Epochs per expert, at least 1 (default: planned).")
 @click.option("--unroll", type=click.Choice(["exact", "tesla", "naive"]), help="Trajectory-matching gradient.")
-@click.option("--subtasks", type=int, help="Federated: split the classes into N subtasks (own experts, decoder, "
+@click.option("--subtasks", type=click.IntRange(min=1), help="Federated: split the classes into N subtasks (own "
+              "experts, decoder, "
               "budget share), run them in parallel ranks, merge into one file.")
-@click.option("--subtask", type=int, help="With --subtasks: run only subtask I and write its part file to -o "
+@click.option("--subtask", type=click.IntRange(min=0), help="With --subtasks: run only subtask I and write its part "
+              "file to -o "
               "(batch-cluster jobs; then d3codec merge).")
 @click.option("--split", type=click.Choice(["contiguous", "balanced"]), help="With --subtasks: contiguous class "
               "ranges (default, as the paper) or balanced by image count.")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --subtasks: local processes (under torchrun the ranks are the processes). "
                    "More ranks than subtasks share each subtask's expert training; the file is the same.")
-@click.option("--threads", type=int, help="torch CPU threads (default: torch's).")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads, at least 1 (default: torch's).")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars.")
 def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
                skip_bad_images: bool, cache_dir: Optional[str], objective: str, iterations: Optional[int],
@@ -323,6 +335,13 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
 
     if not dry_run and not output:
         raise ConfigError("give an output file with -o/--output (or use --dry-run)")
+    federated = subtasks is not None or subtask is not None or split is not None or nproc != 1
+    if not dry_run:  # before the data is decoded: nothing found late, no input overwritten
+        from d3codec.data.sources import BUILTINS
+        from d3codec.encode.api import check_output
+
+        source = None if dataset in BUILTINS else dataset  # a builtin name is never a path
+        check_output(output, inputs=[source, data_dir], resume=None if federated else resume)
     if threads:
         import torch
 
@@ -335,7 +354,7 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
                             latent_dim=latent_dim, width=width, num_experts=num_experts,
                             expert_epochs=expert_epochs, cache_dir=cache_dir,
                             overrides={"unroll": unroll} if unroll else {})
-    if subtasks is not None or subtask is not None or split is not None or nproc != 1:
+    if federated:
         _encode_federated(dataset, train, budget, output, options, data_dir=data_dir, resolution=resolution,
                           skip_bad_images=skip_bad_images, cache_dir=cache_dir, subtasks=subtasks, subtask=subtask,
                           split=split, nproc=nproc, threads=threads)
@@ -388,6 +407,9 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
 
     if not spec and (data_dir or resolution or cache_dir):
         raise ConfigError("--data-dir, --resolution and --cache-dir describe --dataset; give --dataset too")
+    from d3codec._paths import check_output_file
+
+    check_output_file(output, inputs=parts)
     data = DataSpec.of(spec, data_dir, resolution, False, cache_dir) if spec else None
     merge_parts(list(parts), output, data=data, device=device, quiet=quiet)
 
@@ -398,7 +420,8 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
 @click.argument("file", metavar="FILE")
 @click.option("-n", "num", type=click.IntRange(min=0), default=8, show_default=True,
               help="Random samples per class, after the mean image.")
-@click.option("-o", "--output", required=True, help="PNG file to write.")
+@click.option("-o", "--output", required=True,
+              help="Image file to write; its suffix names the format (.png, .jpg, .webp, .bmp, .tif).")
 @click.option("--classes", "classes_spec", default=None,
               help="Class ids, e.g. 0,1,2 or 0-4 (default: the first 20 classes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples.")
@@ -407,13 +430,19 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
 @_device_option
 def sample_cmd(file: str, num: int, output: str, classes_spec: Optional[str], seed: int, scale: int,
                device: str) -> None:
-    """Write a PNG grid of FILE's images: one row per class, the mean image first, then N samples."""
-    from d3codec.decode.grid import sample_grid, save_png
+    """Write a grid of FILE's images: one row per class, the mean image first, then N samples.
+    The grid is at most 49 megapixels."""
+    from d3codec._paths import check_output_file
+    from d3codec.decode.grid import check_grid_size, image_format, sample_grid, save_image
     from d3codec.format.io import load
 
+    check_output_file(output, inputs=[file], example="grid.png")
+    image_format(output)
     d3 = load(file)
-    image = sample_grid(d3, n=num, classes=_parse_classes(classes_spec), seed=seed, device=device, scale=scale)
-    save_png(image, output)
+    classes = _parse_classes(classes_spec)
+    check_grid_size(d3, num, classes, scale=scale)
+    image = sample_grid(d3, n=num, classes=classes, seed=seed, device=device, scale=scale)
+    save_image(image, output)
     click.echo(f"wrote {output} ({image.width}x{image.height} px)")
 
 

@@ -9,12 +9,20 @@ from click.testing import CliRunner
 from d3codec.cli import cli
 from d3codec.format import Budget, save
 from d3codec.format.testing import random_d3
+from d3codec.models import build_decoder, export_state
+
+
+def _states(n: int = 2):
+    """Real `small` decoders for random_d3's default (1, 8, 8) images and dimension 4 (verify builds them)."""
+    hp = {"channels": 1, "image_size": 8, "latent_dim": 4, "width": 4}
+    return [("small", 1, hp, export_state(build_decoder("small", 1, hp))) for _ in range(n)]
 
 
 @pytest.fixture()
 def d3path(tmp_path):
     path = tmp_path / "x.d3"
-    save(random_d3(4, decoders=2, labels="topk", dtype="I8"), path, budget=Budget(10_000, "ipc", 2.0, "2ipc"))
+    save(random_d3(4, labels="topk", dtype="I8", decoder_states=_states()), path,
+         budget=Budget(10_000, "ipc", 2.0, "2ipc"))
     return path
 
 
@@ -84,3 +92,53 @@ def test_python_dash_m_verify_stderr(d3path, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: {bad}: ")
     assert f"ok: {d3path}" in r.stdout and "Traceback" not in r.stderr
+
+
+def _altered(tmp_path, name, *, family="small", version=1, writer="0.1.0", **hparams):
+    """A file whose only decoder names `family` v`version` with `hparams` changed; the provenance
+    says d3codec `writer` wrote it (None: not recorded)."""
+    d3 = random_d3(4, decoder_states=_states(1))
+    entry = d3.decoders[0]
+    entry.family, entry.version = family, version
+    entry.hparams.update(hparams)
+    prov = dict(d3.provenance)
+    prov.pop("d3codec")
+    if writer is not None:
+        prov["encoder"] = f"d3codec {writer}"
+    path = tmp_path / f"{name}.d3"
+    save(d3.replace(provenance=prov), path)
+    return path
+
+
+@pytest.mark.parametrize("name,change,needles", [
+    ("evil", {"family": "evil"}, ["decoder 0 (evil v1)", "invalid"]),
+    ("v7", {"version": 7}, ["decoder 0 (small v7)", "invalid"]),
+    ("norm", {"norm": "weird"}, ["decoder 0 (small v1)", "norm must be one of"]),
+    ("slope", {"slope": 5.0}, ["decoder 0 (small v1)", "slope must be a number"]),
+    ("width", {"width": -3}, ["decoder 0 (small v1)", "width must be an integer"]),
+    ("width8", {"width": 8}, ["decoder 0 (small v1)", "has shape"]),  # valid hparams the weights do not fit
+    ("extra", {"dropout": 0.5}, ["unknown hyper-parameter 'dropout'", "invalid"]),
+])
+def test_verify_builds_every_decoder(tmp_path, name, change, needles):
+    """verify refuses what no reader can decode, naming family and version; a file written by this
+    d3codec is called invalid, never "install d3codec>=<this version>"; D3Dataset raises a D3Error."""
+    from d3codec import D3Dataset
+    from d3codec._version import __version__
+    from d3codec.errors import D3Error
+
+    path = _altered(tmp_path, name, writer=__version__, **change)
+    r = run("verify", path)
+    assert r.exit_code == 1 and "Traceback" not in r.output and "ok:" not in r.output
+    (line,) = r.output.splitlines()
+    assert line.startswith(f"error: {path}: ") and f"d3codec>={__version__}" not in line
+    for needle in needles:
+        assert needle in line
+    with pytest.raises(D3Error):
+        next(iter(D3Dataset(str(path), batch_size=4)))
+
+
+def test_verify_names_the_release_a_newer_writer_needs(tmp_path):
+    r = run("verify", _altered(tmp_path, "newer", family="xlarge", writer="9.2.0"))
+    assert r.exit_code == 1 and "decoder 0 (xlarge v1)" in r.output and "install d3codec>=9.2.0" in r.output
+    r = run("verify", _altered(tmp_path, "unrecorded", family="xlarge", writer=None))
+    assert r.exit_code == 1 and "writer not recorded" in r.output and "newer d3codec may" in r.output

@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+#: PIL modes without colour.
+GRAY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA")
 #: Exceptions that mean "this file is not a readable image".
 BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -34,11 +36,14 @@ def to_array(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarr
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def decode_file(path: str, size: tuple[int, int], channels: int) -> np.ndarray:
-    """Decode one image file fully (truncated files raise)."""
+def decode_file(path: str, size: tuple[int, int], channels: int) -> tuple[np.ndarray, bool, bool]:
+    """Decode one image file fully (truncated files raise): the array, and whether it was resized
+    and whether it changed between grey and colour."""
     with Image.open(path) as img:
         img.load()
-        return to_array(img, size, channels)
+        resized = img.size != size
+        converted = (img.mode in GRAY_MODES) != (channels == 1)
+        return to_array(img, size, channels), resized, converted
 
 
 def init_worker(out_path: str, size: tuple[int, int], channels: int, num_train: int) -> None:
@@ -62,30 +67,33 @@ def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.sum(axis=0), np.square(flat).sum(axis=0)
 
 
-def decode_chunk(task: tuple[int, list[str]]) -> tuple[int, int, list[int], np.ndarray, np.ndarray]:
-    """Decode `paths` into rows `start...`; returns (start, count, bad rows, sums, sums of squares)."""
+def decode_chunk(task: tuple[int, list[str]]) -> tuple[int, int, list[int], np.ndarray, np.ndarray, int, int]:
+    """Decode `paths` into rows `start...`; returns (start, count, bad rows, sums, sums of squares,
+    images resized, images converted between grey and colour)."""
     start, paths = task
     return decode_into(_STATE["fd"], start, paths, _STATE["size"], _STATE["channels"], _STATE["num_train"])
 
 
 
 def decode_into(fd: int, start: int, paths: list[str], size: tuple[int, int], channels: int,
-                num_train: int) -> tuple[int, int, list[int], np.ndarray, np.ndarray]:
+                num_train: int) -> tuple[int, int, list[int], np.ndarray, np.ndarray, int, int]:
     """Decode and write one chunk (shared by workers and the in-process path)."""
     w, h = size
     rows = np.zeros((len(paths), h, w, channels), dtype=np.uint8)
     good = np.ones(len(paths), dtype=bool)
     bad: list[int] = []
+    resized = converted = 0
     for j, p in enumerate(paths):
         try:
-            rows[j] = decode_file(p, size, channels)
+            rows[j], r, c = decode_file(p, size, channels)
+            resized, converted = resized + r, converted + c
         except BAD_IMAGE_ERRORS:
             good[j] = False
             bad.append(start + j)
     write_rows(fd, start, rows)
     train = good & (np.arange(start, start + len(paths)) < num_train)
     s, sq = pixel_sums(rows[train]) if train.any() else (np.zeros(channels), np.zeros(channels))
-    return start, len(paths), bad, s, sq
+    return start, len(paths), bad, s, sq, resized, converted
 
 
 def probe(paths: list[str], limit: int = 64) -> Optional[tuple[tuple[int, int], int]]:

@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import warnings
 from collections import deque
@@ -28,12 +29,15 @@ from tqdm import tqdm
 from d3codec.data import _decode
 from d3codec.data.sources import ArrayItems, FileItems, Items, Source
 from d3codec.errors import DatasetError
+from d3codec.models.registry import image_size_range
 
 #: Bumped whenever the cache layout or decoding changes (it is part of every fingerprint).
 CACHE_VERSION = 2
 #: Images per worker task (one pwrite each).
 CHUNK = 64
 _MAX_WORKERS = 8
+#: Marks a cache entry being built: `.<entry>.tmp-<host>-<pid>`.
+_TMP_MARK = ".tmp-"
 
 
 def default_cache_dir() -> str:
@@ -82,6 +86,10 @@ def open_or_build(source: Source, spec: str, *, data_dir: Optional[str], resolut
     """The cache entry of `source`, built (and stale entries of the same source removed) if absent."""
     if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
         raise DatasetError(f"--resolution must be a positive number of pixels, got {resolution!r}")
+    lo, hi = image_size_range()
+    if resolution is not None and not lo <= resolution <= hi:
+        raise DatasetError(f"--resolution {resolution} is outside what d3codec's decoders draw ({lo} to {hi} "
+                           f"pixels); choose a resolution in {lo}..{hi}")
     root = os.path.join(cache_dir or default_cache_dir(), "datasets")
     fp = fingerprint(source, resolution, skip_bad_images)
     key = _source_key(spec, data_dir, resolution, skip_bad_images)
@@ -94,7 +102,8 @@ def open_or_build(source: Source, spec: str, *, data_dir: Optional[str], resolut
         os.makedirs(root, exist_ok=True)
     except OSError as exc:
         raise DatasetError(f"cannot create cache folder {root}: {exc.strerror}; set $D3CODEC_CACHE or --cache-dir") from None
-    tmp = os.path.join(root, f".{key}-{fp}.tmp-{os.getpid()}")
+    _remove_stale_builds(root)
+    tmp = os.path.join(root, f".{key}-{fp}{_TMP_MARK}{_host()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -114,6 +123,29 @@ def open_or_build(source: Source, spec: str, *, data_dir: Optional[str], resolut
         warnings.warn(f"skipped {len(names)} unreadable images: {', '.join(names[:5])}"
                       + (" ..." if len(names) > 5 else ""), stacklevel=3)
     return CacheEntry(final, meta)
+
+
+def _host() -> str:
+    return "".join(ch for ch in socket.gethostname() if ch.isalnum() or ch in "-_") or "host"
+
+
+def _remove_stale_builds(root: str) -> None:
+    """Remove the temporary folders of builds on this host whose process is gone (killed, e.g. out of
+    memory, where no cleanup could run); builds of live processes and of other hosts are left alone."""
+    prefix = _TMP_MARK + _host() + "-"
+    for entry in os.listdir(root):
+        at = entry.rfind(prefix)
+        if not entry.startswith(".") or at < 0 or not entry[at + len(prefix):].isdigit():
+            continue
+        pid = int(entry[at + len(prefix):])
+        try:
+            os.kill(pid, 0)
+            continue  # alive (possibly a concurrent build)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # exists but is not ours to signal
+        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def _target_shape(train: Items, test: Items, resolution: Optional[int]) -> tuple[tuple[int, int], int]:
@@ -147,6 +179,10 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
     class_names, train, test = source.load()
     size, channels = _target_shape(train, test, resolution)
     w, h = size
+    lo, hi = image_size_range()
+    if not (lo <= min(w, h) and max(w, h) <= hi):
+        raise DatasetError(f"{source.name} has {w}x{h} images, outside what d3codec's decoders draw ({lo} to {hi} "
+                           f"pixels a side); pass --resolution N with N in {lo}..{hi}")
     n_train, n_test = _count(train), _count(test)
     total = n_train + n_test
     if n_train == 0:
@@ -159,6 +195,7 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
         if isinstance(train, ArrayItems) and isinstance(test, ArrayItems):
             bad_rows: list[int] = []
             bad_names: list[str] = []
+            changed = [0, 0]  # arrays are resized only by an explicit --resolution
             sums, sqs = _write_arrays(images_path, [train.x, test.x], size, channels, n_train, bar)
             labels = np.concatenate([train.y, test.y]).astype(np.int64)
         else:
@@ -172,7 +209,8 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
                     labels[row:row + n] = c
                     row += n
             labels.flush()
-            bad, sums, sqs = _decode_files(images_path, [train, test], size, channels, n_train, bar, workers)
+            bad, sums, sqs, changed = _decode_files(images_path, [train, test], size, channels, n_train, bar,
+                                                    workers)
             bad.sort()
             bad_rows, bad_names = [r for r, _ in bad], [n for _, n in bad]
     skipped: list[str] = []
@@ -212,6 +250,8 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
         "std": [float(v) for v in std],
         "resolution": resolution,
         "skipped_images": skipped,
+        "resized_images": int(changed[0]) if resolution is None else 0,  # --resolution resizes on purpose
+        "converted_images": int(changed[1]),
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -259,23 +299,26 @@ def _tasks(splits: list[FileItems]) -> Iterator[tuple[int, list[str], list[str]]
 
 
 def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], channels: int, n_train: int,
-                  bar: tqdm, workers: Optional[int]) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray]:
+                  bar: tqdm, workers: Optional[int]) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray, list[int]]:
     """Decode image files into the cache file, in worker processes for large sets.
 
     At most a few chunks per worker are in flight, and paths are listed class by class, so
-    memory does not grow with the number of images. Returns the bad (row, name) pairs and
-    pixel sums of the good train rows.
+    memory does not grow with the number of images. Returns the bad (row, name) pairs, pixel sums
+    of the good train rows, and the counts of images resized and converted between grey and colour.
     """
     total = sum(len(items) for items in splits)
     workers = min(os.cpu_count() or 1, _MAX_WORKERS) if workers is None else max(1, workers)
     bad: list[tuple[int, str]] = []
     sums, sqs = np.zeros(channels), np.zeros(channels)
+    changed = [0, 0]  # images resized, images converted between grey and colour
 
-    def collect(result: tuple[int, int, list[int], np.ndarray, np.ndarray], names: list[str]) -> None:
+    def collect(result: tuple[int, int, list[int], np.ndarray, np.ndarray, int, int], names: list[str]) -> None:
         nonlocal sums, sqs
-        start, n, rows, s1, s2 = result
+        start, n, rows, s1, s2, resized, converted = result
         bad.extend((r, names[r - start]) for r in rows)
         sums, sqs = sums + s1, sqs + s2
+        changed[0] += resized
+        changed[1] += converted
         bar.update(n)
 
     if workers == 1 or total < 4 * CHUNK:
@@ -285,7 +328,7 @@ def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], cha
                 collect(_decode.decode_into(fd, start, paths, size, channels, n_train), names)
         finally:
             os.close(fd)
-        return bad, sums, sqs
+        return bad, sums, sqs, changed
     # fork (as torch's DataLoader on Linux): unlike spawn, it does not re-import the user's
     # __main__ script in every worker; workers use only numpy and Pillow, never torch.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -300,7 +343,7 @@ def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], cha
         while in_flight:
             result, done_names = in_flight.popleft()
             collect(result.get(), done_names)
-    return bad, sums, sqs
+    return bad, sums, sqs, changed
 
 
 def _compact(path: str, keep: np.ndarray, row_bytes: int) -> None:

@@ -95,6 +95,25 @@ class ImageDataset:
         return list(self.entry.meta.get("skipped_images", []))
 
     @property
+    def conversion_note(self) -> Optional[str]:
+        """One line on images made uniform while the cache was built (an ImageFolder of mixed sizes,
+        or of grey and colour images), or None when every image already matched."""
+        meta = self.entry.meta
+        resized, converted = int(meta.get("resized_images", 0)), int(meta.get("converted_images", 0))
+        if not (resized or converted):
+            return None
+        c, h, w = meta["image_shape"]
+        total = meta["num_train"] + meta["num_test"]
+        parts = []
+        if resized:
+            parts.append(f"{resized:,} of {total:,} images resized to {w}x{h} (the first images' size; "
+                         "pass --resolution N to choose)")
+        if converted:
+            parts.append(f"{converted:,} {'grey' if c == 3 else 'colour'} images converted to "
+                         f"{'RGB' if c == 3 else 'grey'}")
+        return f"{meta['name']}: " + "; ".join(parts)
+
+    @property
     def test_held_out(self) -> bool:
         """True when the test split was held out of a source that has none (see `split.py`)."""
         return bool(self.entry.meta["test_held_out"])

@@ -89,6 +89,14 @@ def cifar_images(batch: dict[str, Any], path: str, label_key: str) -> tuple[np.n
 def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     """`x` (N,H,W) or (N,H,W,C) uint8 and `y` (N,) integer labels from an `.npz` file."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
+    if not magic.startswith(b"PK"):  # numpy.savez writes a zip archive
+        what = "a single .npy array" if magic == b"\x93NUMPY" else "not an .npz (zip) archive"
+        raise DatasetError(f"{path} is {what}; write the dataset with numpy.savez(path, x=images, y=labels)")
+    try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z.files or "y" not in z.files:
                 raise DatasetError(
@@ -96,7 +104,11 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
                 )
             x, y = z["x"], z["y"]
     except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path} as .npz: {exc}; write it with numpy.savez(path, x=..., y=...)") from None
+        if "pickle" in str(exc):
+            raise DatasetError(f"{path} holds Python objects (pickled), which d3codec does not load; save x as a "
+                               "uint8 array and y as an integer array with numpy.savez(path, x=..., y=...)") from None
+        raise DatasetError(f"cannot read {path} as .npz: {exc}; write it with numpy.savez(path, x=..., y=...)"
+                           ) from None
     if x.dtype != np.uint8:
         raise DatasetError(f"{path}: x is {x.dtype}, not uint8; store pixels as uint8 0..255")
     if x.ndim == 3:

@@ -22,7 +22,8 @@ from d3codec.decode.fastpath import fast_decoder
 from d3codec.errors import ConfigError
 from d3codec.format.errors import InvalidFieldError
 from d3codec.format.types import D3File, Labels, Metadata
-from d3codec.models.registry import DecoderError, UnknownDecoderError, build_decoder, fold_batchnorm
+from d3codec.models.registry import (DecoderError, UnknownDecoderError, UnknownHparamError, build_decoder,
+                                     fold_batchnorm)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,40 +62,74 @@ def writer_version(d3: D3File) -> Optional[str]:
     return None
 
 
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def _unsupported(d3: D3File) -> str:
+    """What to do about a decoder (or hyper-parameter) this d3codec does not define: install a newer
+    d3codec only when a newer one wrote the file; else the file is invalid or from another writer."""
+    wrote = writer_version(d3)
+    fmt = f"file format {d3.format_version[0]}.{d3.format_version[1]}"
+    if wrote is None:
+        return (f"this d3codec {__version__} cannot decode it ({fmt}, writer not recorded); a newer d3codec "
+                "may (pip install -U d3codec), else the file is invalid")
+    if _version_tuple(wrote) > _version_tuple(__version__):
+        return (f"this d3codec {__version__} cannot decode it ({fmt}, written by d3codec {wrote}); "
+                f"install d3codec>={wrote} (pip install -U d3codec)")
+    return (f"d3codec {__version__} cannot decode it, yet the file says d3codec {wrote} wrote it, which does not "
+            f"define it either ({fmt}); the file is invalid or was altered: re-encode it")
+
+
+def _entry_module(d3: D3File, i: int) -> nn.Module:
+    """Decoder entry `i` of `d3` built (no weights loaded) and checked against the file's shapes."""
+    c, h, w = d3.metadata.image_shape
+    entry = d3.decoders[i]
+    what = f"decoder {i} ({entry.family} v{entry.version})"
+    try:
+        module = build_decoder(entry.family, entry.version, entry.hparams)
+    except UnknownDecoderError as exc:
+        raise UnknownDecoderError(f"{what}: {_unsupported(d3)}") from exc
+    except UnknownHparamError as exc:
+        raise InvalidFieldError(f"{what}: {str(exc).split('; ')[0]}; {_unsupported(d3)}") from exc
+    except DecoderError as exc:
+        raise InvalidFieldError(f"{what}: {exc}") from exc
+    out_shape = (getattr(module, "channels", c), getattr(module, "image_size", h), getattr(module, "image_size", w))
+    if out_shape != (c, h, w):
+        raise InvalidFieldError(f"{what} draws {out_shape} images but the metadata says {(c, h, w)}; "
+                                "the file is inconsistent: re-encode it")
+    if getattr(module, "latent_dim", d3.priors.dim) != d3.priors.dim:
+        raise InvalidFieldError(f"{what} takes latents of dimension {module.latent_dim} but the priors have "
+                                f"{d3.priors.dim}; the file is inconsistent: re-encode it")
+    _check_weights(module, entry.weights, what)
+    return module
+
+
+def check_decoders(d3: D3File) -> None:
+    """Raise what `build_decoders` would for `d3` (unknown family or version, bad hparams, weights that
+    do not fit the architecture), building each decoder on the `meta` device: no weights are allocated."""
+    for i in range(len(d3.decoders)):
+        with torch.device("meta"):
+            _entry_module(d3, i)
+
+
 def build_decoders(d3: D3File, device: Union[str, torch.device] = "cpu") -> list[nn.Module]:
     """Eval-mode decoder modules of `d3` on `device`, weights dequantised to float32 and loaded.
 
-    Unknown families raise `UnknownDecoderError` naming the family and the d3codec version that
-    wrote the file; weights or hparams that disagree with the file raise `InvalidFieldError`.
+    Unknown families raise `UnknownDecoderError` naming the family, its version and what to do (a
+    newer d3codec only when a newer one wrote the file); weights or hparams that disagree with the
+    file raise `InvalidFieldError`.
     """
-    c, h, w = d3.metadata.image_shape
     modules = []
     for i, entry in enumerate(d3.decoders):
-        what = f"decoder {i} ({entry.family} v{entry.version})"
-        try:
-            module = build_decoder(entry.family, entry.version, entry.hparams)
-        except UnknownDecoderError as exc:
-            wrote = writer_version(d3)
-            need = f"d3codec>={wrote}" if wrote else "a newer d3codec"
-            raise UnknownDecoderError(
-                f"{what}: this d3codec {__version__} cannot decode it (file format {d3.format_version[0]}."
-                f"{d3.format_version[1]}, written by d3codec {wrote or 'unknown'}); install {need} "
-                f"(pip install -U d3codec)") from exc
-        except DecoderError as exc:
-            raise InvalidFieldError(f"{what}: {exc}") from exc
-        out_shape = (getattr(module, "channels", c), getattr(module, "image_size", h), getattr(module, "image_size", w))
-        if out_shape != (c, h, w):
-            raise InvalidFieldError(f"{what} draws {out_shape} images but the metadata says {(c, h, w)}; "
-                                    "the file is inconsistent: re-encode it")
-        if getattr(module, "latent_dim", d3.priors.dim) != d3.priors.dim:
-            raise InvalidFieldError(f"{what} takes latents of dimension {module.latent_dim} but the priors have "
-                                    f"{d3.priors.dim}; the file is inconsistent: re-encode it")
-        _load_weights(module, entry.weights, what)
+        module = _entry_module(d3, i)
+        module.load_state_dict({k: stored.dequantize() for k, stored in entry.weights.items()}, strict=False)
         modules.append(module.to(device).eval())
     return modules
 
 
-def _load_weights(module: nn.Module, weights: dict[str, Any], what: str) -> None:
+def _check_weights(module: nn.Module, weights: dict[str, Any], what: str) -> None:
+    """The stored weights name exactly the architecture's tensors (BatchNorm counters optional), in its shapes."""
     expected = {k: v for k, v in module.state_dict().items()}
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(weights) - optional)
@@ -104,14 +139,10 @@ def _load_weights(module: nn.Module, weights: dict[str, Any], what: str) -> None
         raise InvalidFieldError(f"{what}: stored weights do not match its architecture ({problem}, "
                                 f"{len(missing)} missing, {len(unexpected)} unexpected); the file is damaged or "
                                 "was written for another architecture")
-    state = {}
     for k, stored in weights.items():
-        value = stored.dequantize()
-        if tuple(value.shape) != tuple(expected[k].shape):
-            raise InvalidFieldError(f"{what}: weight {k!r} has shape {tuple(value.shape)} but the architecture needs "
+        if tuple(stored.shape) != tuple(expected[k].shape):
+            raise InvalidFieldError(f"{what}: weight {k!r} has shape {tuple(stored.shape)} but the architecture needs "
                                     f"{tuple(expected[k].shape)}; the file is damaged or its hparams are wrong")
-        state[k] = value
-    module.load_state_dict(state, strict=False)
 
 
 class OutputSpace:

@@ -16,6 +16,30 @@ from d3codec.format.types import D3File
 
 #: Rows drawn when no classes are given.
 DEFAULT_ROWS = 20
+#: Largest grid written, in pixels (a 7,000 x 7,000 px picture; its float canvas is under 600 MB).
+MAX_GRID_PIXELS = 49_000_000
+#: Images decoded per decoder call while drawing a grid.
+_CHUNK = 1024
+#: Image formats `save_image` writes, by file suffix.
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+           ".tiff": "TIFF"}
+
+
+def grid_size(d3: D3File, n: int, classes: Optional[Sequence[int]] = None, pad: int = 2,
+              scale: int = 1) -> tuple[int, int]:
+    """(width, height) in pixels of the grid `sample_grid` draws with these settings."""
+    _, h, w = d3.metadata.image_shape
+    rows = min(d3.metadata.num_classes, DEFAULT_ROWS) if classes is None else len(classes)
+    return (1 + n) * (w * scale + pad) + pad, rows * (h * scale + pad) + pad
+
+
+def check_grid_size(d3: D3File, n: int, classes: Optional[Sequence[int]] = None, pad: int = 2,
+                    scale: int = 1) -> None:
+    """Refuse a grid over `MAX_GRID_PIXELS` before anything is decoded."""
+    width, height = grid_size(d3, n, classes, pad, scale)
+    if width * height > MAX_GRID_PIXELS:
+        raise ConfigError(f"the grid would be {width:,} x {height:,} px, over the {MAX_GRID_PIXELS // 1_000_000} "
+                          "megapixel limit; lower -n, --scale or the number of --classes")
 
 
 def grid_tensor(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None, seed: int = 0,
@@ -43,10 +67,15 @@ def grid_tensor(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None,
     random = random.flatten()
     comps = torch.where(random, comps, torch.zeros_like(comps))
     eps = torch.randn(r * (1 + n), pt.noise_dim, generator=g)
-    z = pt.sample(cls.to(device), comps.to(device), eps.to(device), random.to(device))
-    values = Renderer(d3, device)(z, cls.to(device))
-    pixels = OutputSpace(d3.metadata, denormalize=True, device=device)(values).clamp(0, 1)
-    return pixels.view(r, 1 + n, *pixels.shape[1:]).cpu()
+    render, space = Renderer(d3, device), OutputSpace(d3.metadata, denormalize=True, device=device)
+    chunks = []
+    for s in range(0, len(cls), _CHUNK):  # bounded memory, whatever n is
+        part = slice(s, s + _CHUNK)
+        c = cls[part].to(device)
+        z = pt.sample(c, comps[part].to(device), eps[part].to(device), random[part].to(device))
+        chunks.append(space(render(z, c)).clamp(0, 1).cpu())
+    pixels = torch.cat(chunks)
+    return pixels.view(r, 1 + n, *pixels.shape[1:])
 
 
 def sample_grid(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None, seed: int = 0,
@@ -55,6 +84,7 @@ def sample_grid(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None,
     image magnified `scale` times (nearest neighbour)."""
     if scale < 1 or pad < 0:
         raise ConfigError("scale must be >= 1 and pad >= 0")
+    check_grid_size(d3, n, classes, pad, scale)
     px = grid_tensor(d3, n, classes, seed, device)
     rows, cols, c, h, w = px.shape
     if c not in (1, 3):
@@ -71,20 +101,49 @@ def sample_grid(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None,
     return Image.fromarray(arr[:, :, 0], mode="L") if c == 1 else Image.fromarray(arr, mode="RGB")
 
 
-def save_png(image: Image.Image, path: str) -> None:
-    """Write `image` as PNG atomically (temp file in the same folder, then `os.replace`)."""
+def image_format(path: str) -> str:
+    """The PIL format `save_image` writes for `path`, from its suffix; `ConfigError` for others."""
+    import os
+
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FORMATS:
+        raise ConfigError(f"cannot tell which image format to write from {path!r}; end -o with "
+                          f"{', '.join(sorted(FORMATS))}")
+    return FORMATS[suffix]
+
+
+def save_image(image: Image.Image, path: str) -> None:
+    """Write `image` atomically (temp file in the same folder, then `os.replace`) in the format its
+    suffix names (`image_format`); an unwritable place raises `ConfigError`."""
     import os
     import tempfile
 
+    fmt = image_format(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"cannot write {path}: folder {folder} does not exist; create it or choose another -o")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write {path}: it is a folder; give a file path such as "
+                          f"{os.path.join(path, 'grid.png')}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to folder {folder} ({exc.strerror or exc}); "
+                          "choose a writable -o path") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
+            image.save(f, format=fmt)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write {path} ({exc.strerror or exc}); choose another -o path") from None
         raise
+
+
+def save_png(image: Image.Image, path: str) -> None:
+    """Write `image` as PNG atomically; `path` must end in .png (see `save_image` for other formats)."""
+    if image_format(path) != "PNG":
+        raise ConfigError(f"save_png writes PNG files; name {path!r} .png, or use save_image")
+    save_image(image, path)

@@ -75,13 +75,23 @@ class EncodeOptions:
         return n, e
 
 
-def check_output(output: Optional[str]) -> None:
-    """Refuse a missing -o or an output folder that does not exist, before any training."""
+def check_output(output: Optional[str], *, inputs: Sequence[Optional[str]] = (), resume: Optional[bool] = None) -> None:
+    """Before any training: refuse a missing -o, an output that is a folder, sits in a missing or
+    unwritable folder, or would replace an input; and (when `resume` is given) an interrupted run's
+    checkpoint `<output>.ckpt` that a run without --resume would throw away."""
+    from d3codec._paths import check_output_file
+
     if output is None:
         raise ConfigError("give an output file with -o/--output (or use --dry-run)")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"output folder {out_dir} does not exist; create it or choose another -o path")
+    check_output_file(output, inputs)
+    ckpt = output + ".ckpt"
+    if resume is False and os.path.exists(ckpt):
+        from d3codec.encode.checkpoint import checkpoint_iteration
+
+        at = checkpoint_iteration(ckpt)
+        where = f" (stopped at iteration {at})" if at is not None else ""
+        raise ConfigError(f"{ckpt} holds an interrupted encode{where}; add --resume to continue it, "
+                          f"or delete {ckpt} to start over")
 
 
 def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int], dataset: Any,
@@ -100,9 +110,29 @@ def smallest_class(real: Any) -> int:
     return max(1, int(real.class_counts().min()))
 
 
-def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions
-             ) -> tuple[Plan, DistillConfig, Any, dict[str, Any]]:
-    """Resolve classes, budget and settings: the plan, the loop config, the class view, the provenance."""
+def capped_k_warning(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions,
+                     real: Any, plan: Plan) -> Optional[str]:
+    """A warning when the smallest class caps K (latents per class) for every class below what the
+    budget would give, naming the classes that do it; else None."""
+    counts = real.class_counts()
+    k = plan.latents_per_class
+    if options.latents_per_class is not None or k != smallest_class(real) or int(counts.max()) <= k:
+        return None
+    uncapped = plan_for(dataset, plan.budget, options, max_latents=int(counts.max()))[0].latents_per_class
+    if uncapped <= k:
+        return None
+    names = real.metadata().class_names
+    small = [names[i] for i in range(len(counts)) if counts[i] <= k]
+    shown = ", ".join(repr(n) for n in small[:3]) + (f" and {len(small) - 3} more" if len(small) > 3 else "")
+    return (f"warning: class {shown} has only {k} training image{'s' if k > 1 else ''}, so every class gets "
+            f"K={k} latent components where the budget allows K={uncapped}; add images to it, leave it out "
+            "with --classes, or set --latents-per-class")
+
+
+def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions, *,
+             max_latents: Optional[int] = None) -> tuple[Plan, DistillConfig, Any, dict[str, Any]]:
+    """Resolve classes, budget and settings: the plan, the loop config, the class view, the provenance.
+    K is at most `max_latents` (default: the smallest class's images)."""
     from d3codec.format.budget import parse_budget
 
     all_classes = list(dataset.classes)
@@ -118,7 +148,7 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     from d3codec.encode.experts import ExpertConfig
 
     labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
-    max_k = smallest_class(real)
+    max_k = smallest_class(real) if max_latents is None else max_latents
 
     def plan_with(cfg: DistillConfig) -> tuple[Plan, dict[str, Any]]:
         prov = _provenance(options, cfg, classes, dataset, experts)
@@ -144,13 +174,19 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     """
     options = options or EncodeOptions()
     say: Log = log or (lambda s: None if options.quiet else print(s, file=sys.stderr))
+    from d3codec.decode.decoders import check_device
+
+    check_device(options.device)
     plan, cfg, real, prov = plan_for(dataset, budget, options)
+    note = capped_k_warning(dataset, budget, options, real, plan)
+    if note:
+        (log or (lambda s: print(s, file=sys.stderr)))(note)  # shown with --quiet too
     say(plan.summary())
     say(f"{cfg.fit_iterations} fit iterations (K real images per class), then objective {cfg.objective}, "
         f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
     if options.dry_run:
         return plan
-    check_output(output)
+    check_output(output, resume=options.resume)
     torch.manual_seed(cfg.seed)  # nothing should use the global RNG; this pins anything that does
 
     from d3codec.encode.experts import ensure_experts

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -78,3 +78,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if raw is None:
         raise ConfigError(f"{path} is not a d3codec checkpoint; delete it or choose another output")
     return tensors, json.loads(raw)
+
+
+def checkpoint_iteration(path: str | os.PathLike) -> Optional[int]:
+    """The iteration a checkpoint was saved at (read from its metadata only), or None if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+        return int(json.loads(raw)["iteration"]) if raw else None
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return None

@@ -87,7 +87,7 @@ class DistillConfig:
         if self.iterations < 0:
             raise ConfigError(f"--iterations must be at least 0, got {self.iterations}")
         if self.iterations + (self.fit_steps if self.init == "real" else 0) < 1:
-            raise ConfigError("nothing to train: give --iterations >= 1 (or fit steps with init='real')")
+            raise ConfigError("nothing to train: --iterations and --fit-steps are both 0; give either at least 1")
         if self.samples_per_class < 2 or self.real_per_class < 2:
             raise ConfigError("MMD needs at least 2 decoded and 2 real samples per class")
         if not 0.0 <= self.final_fraction <= 1.0:

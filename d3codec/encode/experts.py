@@ -217,6 +217,9 @@ def train_experts(dataset: Any, indices: Iterable[int], config: ExpertConfig, *,
     this call trained. An expert depends on its index alone, never on who trains it, so ranks that
     share a subtask each train theirs into the same folder (every write is atomic)."""
     config.validate()
+    from d3codec.decode.decoders import check_device
+
+    check_device(device)
     chosen = list(dataset.classes) if classes is None else [int(c) for c in classes]
     train = dataset if classes is None else dataset.subset(chosen)
     test = None if test_dataset is None else (test_dataset if classes is None else test_dataset.subset(chosen))
@@ -323,5 +326,5 @@ def _train_one(i: int, train: Any, test: Any, config: ExpertConfig, final: str,
             "train_seconds": repr(result.wall_time_s), "expert": str(i)}
     _atomic_save({"trajectory": torch.stack(rows)}, final, meta)
     shutil.rmtree(partial, ignore_errors=True)
-    if progress and sys.stderr.isatty():
-        print(f"expert {i}: held-out accuracy {acc if acc is None else f'{acc:.4f}'}", file=sys.stderr)
+    if progress and sys.stderr.isatty() and acc is not None:
+        print(f"expert {i}: held-out accuracy {acc:.4f}", file=sys.stderr)

@@ -211,16 +211,58 @@ def _run_key(dataset: Any, budget: Budget, split: str, groups: list[list[int]], 
 
 def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions, subtasks: int,
                    split: str = "contiguous", data: Optional[DataSpec] = None) -> FederatedPlan:
-    """The whole run's plan (see the module docstring); `BudgetError` when the parts cannot fit."""
-    from d3codec.encode.experts import ExpertConfig
+    """The whole run's plan (see the module docstring); `BudgetError` when the parts cannot fit,
+    naming the smallest budget (in bytes) that plans for these settings."""
     from d3codec.format.budget import parse_budget
-    from d3codec.format.io import size_upper_bound
 
     if options.classes is not None:
         raise ConfigError("--classes and --subtasks do not combine; subtasks split all classes of the dataset")
     metadata = dataset.metadata()
+    b = budget if isinstance(budget, Budget) else parse_budget(budget, metadata.num_classes, metadata.image_shape)
+    try:
+        return _plan_federated(dataset, b, options, subtasks, split, data)
+    except BudgetError as exc:
+        reason = str(exc).split("; raise")[0]
+
+        def works(nbytes: int) -> bool:
+            try:
+                _plan_federated(dataset, Budget(nbytes, "bytes", None, str(nbytes)), options, subtasks, split, data)
+            except BudgetError:
+                return False
+            return True
+
+        need = smallest_working(works, b.bytes, tolerance=0.02)  # each try is a whole plan: to 2%
+        if need is None:
+            raise
+        raise BudgetError(f"{reason}; {need:,} bytes works with {subtasks} subtasks (within 2% of the smallest "
+                          f"budget that does): raise --budget to {need:,}, or use fewer --subtasks") from None
+
+
+def smallest_working(works: Callable[[int], bool], fails: int, limit: int = 1 << 40,
+                     tolerance: float = 0.0) -> Optional[int]:
+    """An n > `fails` with `works(n)` within `tolerance` (a fraction) of the smallest one (doubling,
+    then bisection; `works` is taken to be monotone), or None when nothing up to `limit` works."""
+    lo, hi = fails, max(2 * fails, 1)
+    while not works(hi):
+        if hi >= limit:
+            return None
+        lo, hi = hi, 2 * hi
+    while hi - lo > max(1, int(tolerance * hi)):
+        mid = (lo + hi) // 2
+        if works(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _plan_federated(dataset: Any, b: Budget, options: EncodeOptions, subtasks: int, split: str,
+                    data: Optional[DataSpec]) -> FederatedPlan:
+    from d3codec.encode.experts import ExpertConfig
+    from d3codec.format.io import size_upper_bound
+
+    metadata = dataset.metadata()
     n = metadata.num_classes
-    b = budget if isinstance(budget, Budget) else parse_budget(budget, n, metadata.image_shape)
     counts = dataset.class_counts()
     groups = split_classes(n, subtasks, split, counts.tolist())
     cfg = options.distill_config()
@@ -253,6 +295,9 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
                           images=[int(counts[g].sum()) for g in groups], data=data, options=options)
 
     def plans_at(share: int, k: int = k, widths: Optional[list[int]] = None) -> list[Plan]:
+        if share - DATASET_RESERVE < 1:
+            raise BudgetError(f"budget {b.bytes:,} bytes is too small for {subtasks} subtasks: each part gets "
+                              f"about {share:,} bytes, less than its smallest decoder needs; raise --budget")
         fplan.share = share
         part = fplan.planning_budget()
         out = []
@@ -500,6 +545,8 @@ def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, de
     stale = os.path.isfile(marker) and open(marker).read().strip() != fplan.run
     if stale or not os.path.isfile(marker):
         for old in (trained, trained + ".ckpt"):  # another run's leftovers
+            if stale and os.path.exists(old):
+                say(f"subtask {index}: removing {old}, left by a run with other settings (this run's key differs)")
             try:
                 os.unlink(old)
             except OSError:

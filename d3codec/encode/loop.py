@@ -51,6 +51,8 @@ def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool 
     if resume:
         if os.path.isfile(checkpoint):
             restore_state(distiller, checkpoint, plan)
+            if not quiet:
+                print(f"resuming from iteration {distiller.iteration} of {total} ({checkpoint})", file=sys.stderr)
         elif not quiet:
             print(f"no checkpoint at {checkpoint}: starting from the beginning", file=sys.stderr)
     bar = tqdm(total=total, initial=distiller.iteration, desc="distil", unit="it", file=sys.stderr,

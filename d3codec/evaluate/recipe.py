@@ -60,9 +60,24 @@ class Recipe:
         return d
 
 
+def check_model_fits(name: str, image_shape: Sequence[int]) -> None:
+    """Refuse a network whose last stage would see 1 x 1 feature maps: ResNet-18 halves the image 3
+    times, and its instance norm over a single pixel per channel outputs only its bias (torch refuses it)."""
+    if name != "resnet18":
+        return
+    h, w = image_shape[-2:]
+    side = min(h, w)
+    for _ in range(3):  # stride-2 stages
+        side = (side + 1) // 2
+    if side < 2:
+        raise ConfigError(f"--model resnet18 needs images of at least 9 x 9 pixels, these are {h} x {w} "
+                          "(its last stage would normalise one pixel per channel); use --model convnet")
+
+
 def build_model(name: str, image_shape: Sequence[int], num_classes: int, generator: torch.Generator) -> nn.Module:
     """A freshly initialised evaluation network (ConvNet with depth from resolution, or ResNet-18)."""
     c, h, w = image_shape
+    check_model_fits(name, image_shape)
     if name == "convnet":
         model: nn.Module = ConvNet(c, num_classes, (h, w))
     elif name == "resnet18":

@@ -9,7 +9,7 @@ import torch
 from d3codec.decode.decoders import check_device
 from d3codec.errors import ConfigError
 from d3codec.evaluate.baselines import TensorBatches, select_baseline
-from d3codec.evaluate.recipe import NormalizedTest, Recipe, summarize_runs, train_and_test
+from d3codec.evaluate.recipe import NormalizedTest, Recipe, check_model_fits, summarize_runs, train_and_test
 from d3codec.evaluate.report import storage_figures
 
 
@@ -37,6 +37,7 @@ def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Un
             f"{path} holds {meta.num_classes} classes of {tuple(meta.image_shape)} images but the test set "
             f"{test.name} has {test.num_classes} of {tuple(test.image_shape)}; pass the dataset the file was made from"
         )
+    check_model_fits(recipe.model, meta.image_shape)
     from d3codec.decode.dataset import D3Dataset
 
     normalized = NormalizedTest(test, meta.mean, meta.std)
@@ -76,6 +77,7 @@ def evaluate_baseline(codec: str, train: Any, test: Any, budget_bytes: int, reci
     if train.fingerprint != test.fingerprint or train.num_classes != test.num_classes:
         raise ConfigError(f"--train {train.name} and --test {test.name} are different datasets; "
                           "give the same dataset to both (its train and test splits are used)")
+    check_model_fits(recipe.model, train.image_shape)
     chosen = select_baseline(train, budget_bytes, codec, quality=quality, seed=recipe.seed)
     from d3codec.data.dataset import normalize_uint8
 

@@ -86,13 +86,16 @@ class TensorDecl:
 
 
 def _f32(x: float) -> float:
-    """`x` rounded to float32 (scales are float32), as the Python float of exactly that value."""
-    return float(np.float32(x))
+    """`x` rounded to float32 (scales are float32), as the Python float of exactly that value; beyond
+    float32's range it is inf, silently (the checks that follow reject it with a one-line error)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 def f32_json(x: float) -> float:
     """The Python float whose repr is the shortest decimal that reads back as float32 `x`."""
-    return float(str(np.float32(x)))
+    with np.errstate(over="ignore"):
+        return float(str(np.float32(x)))
 
 
 # ---------------------------------------------------------------- JSON helpers

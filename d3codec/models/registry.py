@@ -39,6 +39,10 @@ class DecoderHparamsError(DecoderError):
     """The hyper-parameters are missing, of the wrong type, out of range, or unknown."""
 
 
+class UnknownHparamError(DecoderHparamsError):
+    """A hyper-parameter this d3codec does not define (a newer one may)."""
+
+
 @dataclass(frozen=True)
 class DecoderSpec:
     """A registered architecture: its name, version, builder and the d3codec release that added it."""
@@ -88,6 +92,13 @@ def is_registered(family: str, version: int) -> bool:
     return (family, version) in _REGISTRY
 
 
+def image_size_range() -> tuple[int, int]:
+    """(smallest, largest) image side, in pixels, that the built-in decoder families draw."""
+    from d3codec.models._upsample import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    return MIN_IMAGE_SIZE, MAX_IMAGE_SIZE
+
+
 def _known() -> str:
     return ", ".join(f"{s.family} v{s.version}" for s in decoder_specs())
 
@@ -107,7 +118,7 @@ def build_decoder(family: str, version: int, hparams: Mapping[str, Any]) -> nn.M
         what = (f"decoder family {family!r} version {version} (this d3codec knows versions "
                 f"{', '.join(map(str, versions))})" if versions else f"decoder family {family!r}")
         raise UnknownDecoderError(f"{what} is unknown to d3codec {__version__} (it knows {_known()}); "
-                                  "upgrade d3codec (pip install -U d3codec) to decode it")
+                                  "a newer d3codec may define it (pip install -U d3codec)")
     return spec.builder(dict(hparams))
 
 
@@ -128,8 +139,8 @@ class Hparams:
         self.raw = dict(hparams)
         unknown = sorted(set(self.raw) - set(allowed))
         if unknown:
-            raise DecoderHparamsError(f"{self.name} has unknown hyper-parameter {unknown[0]!r} (known: "
-                                      f"{', '.join(sorted(allowed))}); this file needs a newer d3codec: pip install -U d3codec")
+            raise UnknownHparamError(f"{self.name} has unknown hyper-parameter {unknown[0]!r} (known: "
+                                     f"{', '.join(sorted(allowed))}); d3codec {__version__} does not define it")
         self.resolved: dict[str, Any] = {}
 
     def int(self, key: str, default: Optional[int] = None, lo: int = 1, hi: int = 1 << 20) -> int:
