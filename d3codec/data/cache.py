@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import shutil
 import socket
-import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -24,12 +23,12 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from d3codec.data import _decode
 from d3codec.data.sources import ArrayItems, FileItems, Items, Source
 from d3codec.errors import DatasetError
 from d3codec.models.registry import image_size_range
+from d3codec.progress import Progress
 
 #: Bumped whenever the cache layout or decoding changes (it is part of every fingerprint).
 CACHE_VERSION = 2
@@ -169,11 +168,6 @@ def _count(items: Items) -> int:
     return len(items) if isinstance(items, FileItems) else len(items.y)
 
 
-def _bar(progress: bool, total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False,
-                disable=not (progress and sys.stderr.isatty()))
-
-
 def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progress: bool,
            workers: Optional[int], skip_bad: bool) -> dict[str, Any]:
     class_names, train, test = source.load()
@@ -191,7 +185,7 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
     row_bytes = h * w * channels
     with open(images_path, "wb") as f:
         f.truncate(total * row_bytes)
-    with _bar(progress, total, f"decoding {source.name}") as bar:
+    with Progress(total, f"decoding {source.name}", unit="img", enabled=progress) as bar:
         if isinstance(train, ArrayItems) and isinstance(test, ArrayItems):
             bad_rows: list[int] = []
             bad_names: list[str] = []
@@ -259,7 +253,7 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
 
 
 def _write_arrays(path: str, arrays: list[np.ndarray], size: tuple[int, int], channels: int,
-                  n_train: int, bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
+                  n_train: int, bar: Progress) -> tuple[np.ndarray, np.ndarray]:
     """Copy (and resize) in-memory images into the cache file, chunk by chunk."""
     sums, sqs = np.zeros(channels), np.zeros(channels)
     fd = os.open(path, os.O_WRONLY)
@@ -299,7 +293,7 @@ def _tasks(splits: list[FileItems]) -> Iterator[tuple[int, list[str], list[str]]
 
 
 def _decode_files(path: str, splits: list[FileItems], size: tuple[int, int], channels: int, n_train: int,
-                  bar: tqdm, workers: Optional[int]) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray, list[int]]:
+                  bar: Progress, workers: Optional[int]) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray, list[int]]:
     """Decode image files into the cache file, in worker processes for large sets.
 
     At most a few chunks per worker are in flight, and paths are listed class by class, so

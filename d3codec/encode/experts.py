@@ -326,5 +326,5 @@ def _train_one(i: int, train: Any, test: Any, config: ExpertConfig, final: str,
             "train_seconds": repr(result.wall_time_s), "expert": str(i)}
     _atomic_save({"trajectory": torch.stack(rows)}, final, meta)
     shutil.rmtree(partial, ignore_errors=True)
-    if progress and sys.stderr.isatty() and acc is not None:
+    if progress and acc is not None:
         print(f"expert {i}: held-out accuracy {acc:.4f}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Run a `Distiller` to the end: tqdm progress, periodic and Ctrl-C checkpoints, exact resume.
+"""Run a `Distiller` to the end: progress per phase, periodic and Ctrl-C checkpoints, exact resume.
 
 The checkpoint (`<output>.ckpt`) records the plan and settings; `--resume` refuses one made with
 other settings, so a resumed run continues to the very file an uninterrupted run writes.
@@ -12,12 +12,11 @@ import sys
 import threading
 from typing import Any
 
-from tqdm import tqdm
-
 from d3codec.encode.checkpoint import load_checkpoint, save_checkpoint
 from d3codec.encode.distill import Distiller
 from d3codec.encode.planner import Plan
 from d3codec.errors import ConfigError
+from d3codec.progress import Progress
 
 
 def _identity(distiller: Distiller, plan: Plan) -> dict[str, Any]:
@@ -55,23 +54,27 @@ def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool 
                 print(f"resuming from iteration {distiller.iteration} of {total} ({checkpoint})", file=sys.stderr)
         elif not quiet:
             print(f"no checkpoint at {checkpoint}: starting from the beginning", file=sys.stderr)
-    bar = tqdm(total=total, initial=distiller.iteration, desc="distil", unit="it", file=sys.stderr,
-               disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-    stop = _DeferredInterrupt()
-    with stop:
-        while distiller.iteration < total:
-            losses = distiller.step()
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
-            if stop.requested:
-                save_state(distiller, checkpoint, plan)
-                bar.close()
-                print(f"interrupted at iteration {distiller.iteration}: checkpoint saved to {checkpoint}; "
-                      "rerun with --resume to continue", file=sys.stderr)
-                raise KeyboardInterrupt
-            if checkpoint_every > 0 and distiller.iteration % checkpoint_every == 0 and distiller.iteration < total:
-                save_state(distiller, checkpoint, plan)
-    bar.close()
+    fit = distiller.config.fit_iterations
+    phases = [("fit", 0, fit), (f"objective {distiller.config.objective}", fit, total)]
+    with _DeferredInterrupt() as stop:
+        for desc, first, last in phases:
+            if distiller.iteration >= last:
+                continue
+            with Progress(last - first, desc, unit="it", enabled=not quiet,
+                          initial=distiller.iteration - first) as bar:
+                while distiller.iteration < last:
+                    losses = distiller.step()
+                    bar.set_postfix(**{k: f"{v:.4g}" for k, v in losses.items()})
+                    bar.update()
+                    if stop.requested:
+                        save_state(distiller, checkpoint, plan)
+                        bar.close()
+                        print(f"interrupted at iteration {distiller.iteration}: checkpoint saved to {checkpoint}; "
+                              "rerun with --resume to continue", file=sys.stderr)
+                        raise KeyboardInterrupt
+                    if (checkpoint_every > 0 and distiller.iteration % checkpoint_every == 0
+                            and distiller.iteration < total):
+                        save_state(distiller, checkpoint, plan)
 
 
 class _DeferredInterrupt:
