@@ -26,7 +26,9 @@ def test_parts_and_merged_file_record_one_thread(serial_run: str, tmp_path) -> N
 
 
 def _part(compute, merged) -> SimpleNamespace:
-    prov = {"federated": {"merged": merged}} if compute is None else {"compute": compute, "federated": {"merged": merged}}
+    prov: dict = {"federated": {"merged": merged}}
+    if compute is not None:
+        prov["compute"] = compute
     return SimpleNamespace(d3=SimpleNamespace(provenance=prov), record=prov["federated"])
 
 
