@@ -93,7 +93,10 @@ def compute_record(device: str, threads: Optional[int] = None) -> dict[str, Any]
                               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                               "threads": torch.get_num_threads() if threads is None else int(threads)}
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        record.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(torch.device(device)))
+        try:
+            record.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(torch.device(device)))
+        except (RuntimeError, AssertionError, ValueError):  # a bad device string: the device check names it
+            pass
     return record
 
 
