@@ -329,7 +329,9 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
                split: Optional[str], nproc: int, threads: Optional[int], quiet: bool) -> None:
     """Distil DATASET's train split into one .d3 file of at most --budget bytes (D3: K Gaussian
     latents per class and a decoder). Prints the plan and byte breakdown first; Ctrl-C saves a
-    checkpoint that --resume continues from. The same seed on CPU gives byte-identical files."""
+    checkpoint that --resume continues from. On CPU the same seed gives byte-identical files for the same
+    torch version, CPU capability and --threads (also those of cached experts it reuses); `d3codec info`
+    shows what a file was encoded with."""
     from d3codec.encode.api import EncodeOptions, encode
     from d3codec.errors import ConfigError
 

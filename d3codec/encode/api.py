@@ -94,11 +94,28 @@ def check_output(output: Optional[str], *, inputs: Sequence[Optional[str]] = (),
                           f"or delete {ckpt} to start over")
 
 
+def compute_record(device: str, threads: Optional[int] = None) -> dict[str, Any]:
+    """What an encode's bytes depend on besides its data and settings: the torch version, the device,
+    the CPU kernels torch dispatches to and its intra-op thread count (CPU reductions split their
+    work by thread, so the last bits differ between thread counts). `threads`: the count the
+    encode computes with (default: torch's current one)."""
+    record: dict[str, Any] = {"torch": torch.__version__, "device": str(device),
+                              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                              "threads": torch.get_num_threads() if threads is None else int(threads)}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        try:
+            record.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(torch.device(device)))
+        except (RuntimeError, AssertionError, ValueError):  # a bad device string: the device check names it
+            pass
+    return record
+
+
 def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[int], dataset: Any,
                 experts: tuple[int, int]) -> dict[str, Any]:
     """What made the file: fixed before training (it counts in the planned header)."""
     prov: dict[str, Any] = {"encoder": f"d3codec {__version__}", "seed": options.seed, "objective": cfg.objective,
-                            "iterations": cfg.iterations, "fit_steps": cfg.fit_iterations, "experts": list(experts)}
+                            "iterations": cfg.iterations, "fit_steps": cfg.fit_iterations, "experts": list(experts),
+                            "compute": compute_record(options.device)}
     if options.classes is not None:
         prov["classes"] = [int(c) for c in classes]
     prov.update(options.extra_provenance)

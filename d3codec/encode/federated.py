@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from d3codec._version import __version__
-from d3codec.encode.api import EncodeOptions, check_output, encode, plan_for, smallest_class
+from d3codec.encode.api import EncodeOptions, check_output, compute_record, encode, plan_for, smallest_class
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.labels import LabelStorage, resolve_labels
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merged, single_thread
@@ -194,7 +194,8 @@ def _subtask_options(options: EncodeOptions, classes: Sequence[int], seed: int, 
                      record: dict[str, Any], width: Optional[int] = None) -> EncodeOptions:
     return replace(options, classes=list(classes), seed=seed, latents_per_class=k, latent_dim=d, labels="hard",
                    width=width or options.width, dry_run=False, resume=True,
-                   extra_provenance={**options.extra_provenance, RECORD: record})
+                   extra_provenance={**options.extra_provenance, RECORD: record,
+                                     "compute": compute_record(options.device, threads=1)})
 
 
 def _run_key(dataset: Any, budget: Budget, split: str, groups: list[list[int]], seed: int, options: EncodeOptions,
@@ -288,7 +289,8 @@ def _plan_federated(dataset: Any, b: Budget, options: EncodeOptions, subtasks: i
     run = _run_key(dataset, b, split, groups, options.seed, options, k, d, labels, teacher)
     merged_prov = {"encoder": f"d3codec {__version__}", "seed": options.seed, "objective": cfg.objective,
                    "iterations": cfg.iterations, "experts": [n_exp, n_ep],
-                   "federated": {"subtasks": subtasks, "split": split, "teacher": teacher}}
+                   "federated": {"subtasks": subtasks, "split": split, "teacher": teacher},
+                   "compute": compute_record(options.device, threads=1)}
     fplan = FederatedPlan(budget=b, split=split, groups=groups, seeds=seeds, share=b.bytes // subtasks, plans=[],
                           labels=labels, teacher=teacher, run=run, merged_provenance=merged_prov, bound=0,
                           breakdown={}, guaranteed=True, num_classes=n,

@@ -271,6 +271,16 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
     return store_labels(probs, storage)
 
 
+def merged_provenance(parts: Sequence[_Part]) -> dict[str, Any]:
+    """The merged file's provenance: the run's, with the `compute` (torch version, CPU capability,
+    threads) its parts were encoded with: one record when they agree, else one per part in subtask order."""
+    prov = dict(parts[0].record["merged"])
+    computes = [p.d3.provenance.get("compute") for p in parts]
+    if any(c is not None for c in computes):
+        prov["compute"] = computes[0] if all(c == computes[0] for c in computes) else computes
+    return prov
+
+
 def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data: Optional[DataSpec] = None,
                 device: str = "cpu", quiet: bool = False, log: Optional[Log] = None) -> D3File:
     """Merge subtask parts into one `.d3` file at `output` (written atomically) and return it.
@@ -292,7 +302,7 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
                              p.classes, dict(p.d3.decoders[0].weights)) for p in parts]
     budget = Budget(**record["budget"])
     d3 = D3File(metadata=metadata, priors=priors, decoders=decoders, labels=Labels(kind="hard"), budget=budget,
-                provenance=dict(record["merged"]))
+                provenance=merged_provenance(parts))
     storage = LabelStorage(**record["labels"])
     if storage.kind != "hard":
         spec = data or (DataSpec(**record["dataset"]) if record.get("dataset") else None)

@@ -74,6 +74,18 @@ def _dt(tensors: dict[str, Stored]) -> str:
     return "/".join(k.replace("I8q", "I8 quantised").replace("U8q", "U8 quantised") for k in kinds) or "-"
 
 
+def _compute(c: Any) -> str:
+    """One encode's `compute` provenance record in words (what its bytes depend on)."""
+    if not isinstance(c, dict):
+        return str(c)
+    where = str(c.get("device", "?"))
+    if c.get("gpu"):
+        where += f" ({c['gpu']}, CUDA {c.get('cuda')})"
+    threads = c.get("threads", "?")
+    return (f"torch {c.get('torch', '?')} on {where}, CPU capability {c.get('cpu_capability', '?')}, "
+            f"{threads} thread{'' if threads == 1 else 's'}")
+
+
 def render(d3: D3File, path: str) -> str:
     """The human summary `d3codec info FILE` prints."""
     info = describe(d3)
@@ -102,6 +114,11 @@ def render(d3: D3File, path: str) -> str:
     else:
         given = f" ({b.spec})" if b.spec else ""
         lines.append(f"budget    {_n(b.bytes)} bytes{given}: {100 * info['budget_used']:.1f}% used, {_n(b.bytes - (d3.file_bytes or 0))} bytes left")
+    compute = d3.provenance.get("compute") if isinstance(d3.provenance, dict) else None
+    if isinstance(compute, list):
+        lines += [f"encoded   part {i}: {_compute(c)}" for i, c in enumerate(compute)]
+    elif compute is not None:
+        lines.append(f"encoded   {_compute(compute)}")
     total = d3.file_bytes or 0
     width = max(len(k) for k in (d3.breakdown or {"total": 0}))
     lines.append("bytes")

@@ -7,6 +7,10 @@ Deterministic: fixed seeds, explicit generators, no clock. zstd output may diffe
 zstandard library versions, so tests only read these files (load + info --json); they never
 compare freshly written bytes against them (load, info --json, and decoding with D3Dataset).
 Every decoder is a real registry architecture, so each vector is a fully decodable file.
+
+`<name>.expected.npz` holds each vector's first decoded batch (`expected_decode`). Decoding
+differs between CPUs and thread counts in the last bits, so it is rewritten (and `--check`
+reports it) only when a fresh decode is off by more than `TOLERANCE` or its labels differ.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from d3codec.decode import D3Dataset
 from d3codec.format import Stored, dumps, loads
 from d3codec.format.budget import parse_budget
 from d3codec.format.summary import describe
@@ -23,6 +29,8 @@ from d3codec.format.testing import random_d3
 from d3codec.models import build_decoder, export_state, fold_batchnorm
 
 HERE = Path(__file__).resolve().parent
+#: Largest absolute difference allowed between a decode and `<name>.expected.npz` (spec section 14).
+TOLERANCE = 1e-4
 
 
 def _decoder(family: str, hparams: dict, seed: int, fold: bool = False) -> tuple[str, int, dict, dict]:
@@ -84,6 +92,41 @@ def _vectors() -> dict[str, object]:
     return out
 
 
+def expected_decode(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of `<name>.expected.npz`: the first batch of
+    `D3Dataset(path, batch_size=16, seed=0, labels="hard", device="cpu")` (`images` float32
+    [16, C, H, W], normalised; `labels` int64 [16]) and the draws it decoded (`classes`,
+    `components` int64 [16]; `latents` float32 [16, D]), so a reader can check its decoders alone."""
+    ds = D3Dataset(path, batch_size=16, seed=0, labels="hard", device="cpu")
+    images, labels = next(iter(ds))
+    draw = ds.latents(0, 16, epoch=0)
+    return {"images": images.numpy(), "labels": labels.numpy(), "classes": draw.classes.numpy(),
+            "components": draw.comps.numpy(), "latents": draw.z.numpy()}
+
+
+def decode_mismatch(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> str:
+    """Why `actual` does not match `expected` ("" when it does): every array present, of the same
+    shape and dtype; integer arrays equal; float arrays within `TOLERANCE` absolute."""
+    for key, want in expected.items():
+        got = actual.get(key)
+        if got is None:
+            return f"{key}: missing"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"{key}: {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
+        if np.issubdtype(want.dtype, np.floating):
+            diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)), initial=0.0))
+            if not diff <= TOLERANCE:  # NaN fails too
+                return f"{key}: off by {diff:.3g}, more than {TOLERANCE:g}"
+        elif not np.array_equal(got, want):
+            return f"{key}: {int(np.sum(got != want))} values differ"
+    return ""
+
+
+def _write_expected(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     changed = []
@@ -95,6 +138,12 @@ def main(argv: list[str]) -> int:
                 changed.append(path.name)
                 if not check:
                     path.write_bytes(content)
+        npz = HERE / f"{name}.expected.npz"
+        fresh = expected_decode(HERE / f"{name}.d3")
+        if not npz.exists() or decode_mismatch({k: v for k, v in np.load(npz).items()}, fresh):
+            changed.append(npz.name)
+            if not check:
+                _write_expected(npz, fresh)
     if check and changed:
         print("would change: " + ", ".join(changed), file=sys.stderr)
         return 1
