@@ -83,7 +83,10 @@ class Progress:
             parts[0] += f" ({100 * self.count / self.total:.1f}%)"
         if done > 0 and elapsed > 0:
             rate = done / elapsed
-            parts.append(f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}")
+            if rate >= 100:
+                parts.append(f"{rate:,.0f} {self.unit}/s")
+            else:
+                parts.append(f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}")
         parts.append(f"elapsed {format_duration(elapsed)}")
         if self.total and done > 0 and self.count < self.total:
             parts.append(f"ETA {format_duration(elapsed / done * (self.total - self.count))}")

@@ -33,10 +33,10 @@ def test_an_encode_off_a_terminal_writes_start_and_end_lines_for_every_long_step
     res = _encode(tmp_path, _many_classes(tmp_path / "many.npz"))
     assert res.exit_code == 0, res.output
     err = res.stderr
-    for step, unit, total in [("decoding many", "img", 300), ("expert 0", "ep", 1), ("fit", "it", 3),
+    for step, unit, total in [("decoding many.npz", "img", 300), ("expert 0", "ep", 1), ("fit", "it", 3),
                               ("objective mmd", "it", 2)]:
-        start = re.search(rf"^{step}: 0/{total:,} {unit} \(0\.0%\), elapsed", err, re.M)
-        end = re.search(rf"^{step}: {total:,}/{total:,} {unit} \(100\.0%\), [^\n]*elapsed \d+s", err, re.M)
+        start = re.search(rf"^{re.escape(step)}: 0/{total:,} {unit} \(0\.0%\), elapsed", err, re.M)
+        end = re.search(rf"^{re.escape(step)}: {total:,}/{total:,} {unit} \(100\.0%\), [^\n]*elapsed \d+s", err, re.M)
         assert start and end, f"no start/end progress line for {step!r} in:\n{err}"
     assert "\r" not in err  # no tqdm bar redraws in a log
 
