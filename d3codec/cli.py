@@ -259,7 +259,9 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
             raise ConfigError("give either a FILE or --baseline, not both")
         if not train_spec or not budget:
             raise ConfigError("--baseline needs --train DATASET and --budget B (e.g. 10ipc or 31360)")
-        from d3codec.format.budget import parse_budget
+        from d3codec.format.budget import check_budget, parse_budget
+
+        check_budget(budget)
 
         train = _open_split(train_spec, "train", data_dir, resolution, skip_bad_images, cache_dir, quiet)
         test = _open_split(test_spec, "test", data_dir, resolution, skip_bad_images, cache_dir, quiet)
@@ -334,9 +336,11 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
     shows what a file was encoded with."""
     from d3codec.encode.api import EncodeOptions, encode
     from d3codec.errors import ConfigError
+    from d3codec.format.budget import check_budget
 
     if not dry_run and not output:
         raise ConfigError("give an output file with -o/--output (or use --dry-run)")
+    check_budget(budget)
     federated = subtasks is not None or subtask is not None or split is not None or nproc != 1
     if not dry_run:  # before the data is decoded: nothing found late, no input overwritten
         from d3codec.data.sources import BUILTINS

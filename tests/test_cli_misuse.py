@@ -350,3 +350,13 @@ def test_experts_trained_without_a_test_split_print_no_accuracy(tmp_path, cache,
         printed = [s for s in re.split(r"[\r\n]", err.getvalue()) if "held-out accuracy" in s]
         assert "None" not in err.getvalue()
         assert printed == ([] if test_dataset is None else ["expert 0: held-out accuracy " + printed[0].split()[-1]])
+
+
+@pytest.mark.parametrize("command", ["encode", "baseline"])
+def test_a_budget_no_dataset_can_read_is_refused_before_the_data_is_decoded(tmp_path, command) -> None:
+    data = _npz(tmp_path / "d.npz")
+    args = (["encode", data, "-o", tmp_path / "o.d3"] if command == "encode" else
+            ["eval", "--baseline", "png", "--train", data, "--test", data])
+    res = run(*args, "--budget", "3 apples", "--cache-dir", tmp_path / "cache")
+    one_error_line(res, "3 apples", "accepted forms")
+    assert "decoding" not in res.output and not os.path.exists(tmp_path / "cache" / "datasets")

@@ -42,6 +42,28 @@ def ipc_bytes(ipc: Union[float, Fraction, str], num_classes: int, image_shape: t
     return math.floor(Fraction(str(ipc)) * num_classes * c * h * w * bytes_per_pixel)
 
 
+def _read(spec: str) -> tuple[Fraction, str]:
+    """(number, lower-case unit) of a budget string; malformed text or an unknown unit raise."""
+    match = _PATTERN.match(spec.strip())
+    if match is None:
+        raise BudgetError(f"cannot read budget {spec!r}; {_FORMS}")
+    unit = (match.group(2) or "").lower()
+    if unit not in IPC_UNITS and unit not in BYTE_UNITS:
+        raise BudgetError(f"unknown budget unit {match.group(2)!r} in {spec!r}; {_FORMS}")
+    return Fraction(match.group(1)), unit
+
+
+def check_budget(spec: Union[str, int]) -> None:
+    """Refuse a budget that no dataset can make sense of (bad text, unknown unit, zero), before
+    any data is read; `parse_budget` gives the bytes once the dataset's shape is known."""
+    if isinstance(spec, str):
+        number, _ = _read(spec)
+        if number <= 0:
+            raise BudgetError(f"budget {spec!r} is not positive; give a positive budget ({_FORMS})")
+    else:
+        parse_budget(spec, 0, (0, 0, 0))
+
+
 def parse_budget(spec: Union[str, int], num_classes: int, image_shape: tuple[int, int, int]) -> Budget:
     """Parse a budget given as an int (bytes) or a string; bad input raises `BudgetError`."""
     if isinstance(spec, bool) or not isinstance(spec, (int, str)):
@@ -51,11 +73,7 @@ def parse_budget(spec: Union[str, int], num_classes: int, image_shape: tuple[int
             raise BudgetError(f"budget must be a positive number of bytes, got {spec}; {_FORMS}")
         return Budget(bytes=spec, unit="bytes", ipc=None, spec=str(spec))
     text = spec.strip()
-    match = _PATTERN.match(text)
-    if match is None:
-        raise BudgetError(f"cannot read budget {spec!r}; {_FORMS}")
-    number = Fraction(match.group(1))
-    unit = (match.group(2) or "").lower()
+    number, unit = _read(spec)
     if unit in IPC_UNITS:
         if num_classes <= 0 or len(image_shape) != 3 or min(image_shape) <= 0:
             raise BudgetError(
@@ -64,11 +82,9 @@ def parse_budget(spec: Union[str, int], num_classes: int, image_shape: tuple[int
             )
         nbytes = ipc_bytes(number, num_classes, tuple(image_shape), IPC_UNITS[unit])
         kind, ipc = unit, float(number)
-    elif unit in BYTE_UNITS:
+    else:
         nbytes = math.floor(number * BYTE_UNITS[unit])
         kind, ipc = "bytes", None
-    else:
-        raise BudgetError(f"unknown budget unit {match.group(2)!r} in {spec!r}; {_FORMS}")
     if nbytes <= 0:
         raise BudgetError(f"budget {spec!r} is {nbytes} bytes; give a positive budget ({_FORMS})")
     return Budget(bytes=nbytes, unit=kind, ipc=ipc, spec=text)

@@ -2,7 +2,7 @@
 import pytest
 
 from d3codec.errors import BudgetError
-from d3codec.format.budget import parse_budget
+from d3codec.format.budget import check_budget, parse_budget
 
 IMAGENET64 = (1000, (3, 64, 64))
 
@@ -53,3 +53,14 @@ def test_bad_budgets_name_the_accepted_forms(spec):
 def test_ipc_needs_a_known_shape():
     with pytest.raises(BudgetError, match="byte size"):
         parse_budget("1ipc", 0, (1, 28, 28))
+
+
+@pytest.mark.parametrize("spec", ["3 apples", "ipc", "0ipc", "0", "0KB", "-1", 0, -5, 2.5])
+def test_check_budget_refuses_what_no_dataset_makes_sense_of(spec) -> None:
+    with pytest.raises(BudgetError):
+        check_budget(spec)
+
+
+@pytest.mark.parametrize("spec", ["1ipc", "0.5ipc", "2ipc-u8", "31360", "500KB", "1.5MiB", 31360])
+def test_check_budget_accepts_every_documented_form(spec) -> None:
+    check_budget(spec)
