@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from d3codec.data import tar
+
 #: Exceptions that mean "this file is not a readable image".
 BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -34,9 +36,9 @@ def to_array(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarr
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def decode_file(path: str, size: tuple[int, int], channels: int) -> np.ndarray:
-    """Decode one image file fully (truncated files raise)."""
-    with Image.open(path) as img:
+def decode_file(path: tar.ImageRef, size: tuple[int, int], channels: int) -> np.ndarray:
+    """Decode one image file or tar member fully (truncated files raise)."""
+    with Image.open(tar.openable(path)) as img:
         img.load()
         return to_array(img, size, channels)
 
@@ -62,14 +64,14 @@ def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.sum(axis=0), np.square(flat).sum(axis=0)
 
 
-def decode_chunk(task: tuple[int, list[str]]) -> tuple[int, int, list[int], np.ndarray, np.ndarray]:
+def decode_chunk(task: tuple[int, list[tar.ImageRef]]) -> tuple[int, int, list[int], np.ndarray, np.ndarray]:
     """Decode `paths` into rows `start...`; returns (start, count, bad rows, sums, sums of squares)."""
     start, paths = task
     return decode_into(_STATE["fd"], start, paths, _STATE["size"], _STATE["channels"], _STATE["num_train"])
 
 
 
-def decode_into(fd: int, start: int, paths: list[str], size: tuple[int, int], channels: int,
+def decode_into(fd: int, start: int, paths: list[tar.ImageRef], size: tuple[int, int], channels: int,
                 num_train: int) -> tuple[int, int, list[int], np.ndarray, np.ndarray]:
     """Decode and write one chunk (shared by workers and the in-process path)."""
     w, h = size
@@ -88,13 +90,13 @@ def decode_into(fd: int, start: int, paths: list[str], size: tuple[int, int], ch
     return start, len(paths), bad, s, sq
 
 
-def probe(paths: list[str], limit: int = 64) -> Optional[tuple[tuple[int, int], int]]:
+def probe(paths: list[tar.ImageRef], limit: int = 64) -> Optional[tuple[tuple[int, int], int]]:
     """Size (W, H) of the first readable image and channels (3 if any probed image has colour)."""
     size: Optional[tuple[int, int]] = None
     channels = 1
     for p in paths[:limit]:
         try:
-            with Image.open(p) as img:
+            with Image.open(tar.openable(p)) as img:
                 img.load()
                 if size is None:
                     size = img.size
