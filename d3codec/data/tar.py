@@ -43,15 +43,27 @@ def is_tar_name(path: str) -> bool:
 
 # ---- reading members (used by decoding workers) ----
 
-_FDS: dict[str, int] = {}
+_FDS: dict[str, tuple[int, tuple[int, int, int]]] = {}  # path -> (open fd, the file's (dev, inode, mtime))
+
+
+def _fd(path: str) -> int:
+    """An open descriptor of `path`, reused while the path still names the same, unchanged file."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    held = _FDS.get(path)
+    if held is not None and held[1] == key:
+        return held[0]
+    if held is not None:
+        os.close(held[0])
+    fd = os.open(path, os.O_RDONLY)
+    _FDS[path] = (fd, key)
+    return fd
 
 
 def read_member(ref: MemberRef) -> bytes:
-    """The bytes of one tar member, by one positional read (no seek state, safe after fork)."""
+    """The bytes of one tar member, by positional reads (no seek state, so safe after fork)."""
     path, offset, size = ref
-    fd = _FDS.get(path)
-    if fd is None:
-        fd = _FDS[path] = os.open(path, os.O_RDONLY)
+    fd = _fd(path)
     parts, got = [], 0
     while got < size:
         chunk = os.pread(fd, size - got, offset + got)

@@ -257,3 +257,15 @@ def test_an_empty_class_folder_in_a_tar_fails_as_in_a_folder(make_folder, cache_
         tf.add(root, arcname="train")  # folder members included, class_2/ with nothing in it
     assert "class folder(s) class_2" in _error(path, cache_dir) and "no images" in _error(path, cache_dir)
     assert "class folder(s) class_2" in _error(root, cache_dir)
+
+
+def test_a_tar_replaced_under_the_same_name_is_read_anew(make_folder, cache_dir, tmp_path):
+    path = str(tmp_path / "set.tar")
+    _tar_folder(make_folder(classes=2, per_class=6, name="a"), path)
+    open_dataset(path, cache_dir=cache_dir, progress=False)
+    other = make_folder(classes=2, per_class=6, name="b")
+    for c in range(2):  # same names and sizes (PNG of other pixels), new file put in place by rename
+        for i in range(6):
+            Image.fromarray(class_image(c, i + 100)).save(os.path.join(other, f"class_{c}", f"{i:04d}.png"))
+    os.replace(_tar_folder(other, str(tmp_path / "new.tar")), path)
+    _assert_same(path, other, cache_dir)
