@@ -2,7 +2,8 @@
 
 `open_dataset(spec, split="train"|"test", ...) -> ImageDataset`. `spec` is a builtin name
 (`digits`, embedded; `mnist`, `cifar10`, `cifar100`, `tinyimagenet`, `imagenet` from
-`data_dir`), an ImageFolder directory (class order = sorted folder names) or an `.npz` file
+`data_dir`), an ImageFolder directory (class order = sorted folder names) or an uncompressed
+`.tar` of one (read in place, see `tar.py`), or an `.npz` file
 (`x` (N,H,W[,C]) uint8, `y` (N,) ints). Every source has a test split: the official one where
 the source has it (MNIST t10k, CIFAR test batches, TinyImageNet val, `test/` or `val/` class
 folders beside `train/`), else a held-out 10% of each class that train excludes (`split.py`).

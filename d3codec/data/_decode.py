@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from d3codec.data import tar
+
 #: PIL modes without colour.
 GRAY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA")
 #: Exceptions that mean "this file is not a readable image".
@@ -36,10 +38,10 @@ def to_array(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarr
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def decode_file(path: str, size: tuple[int, int], channels: int) -> tuple[np.ndarray, bool, bool]:
-    """Decode one image file fully (truncated files raise): the array, and whether it was resized
-    and whether it changed between grey and colour."""
-    with Image.open(path) as img:
+def decode_file(path: tar.ImageRef, size: tuple[int, int], channels: int) -> tuple[np.ndarray, bool, bool]:
+    """Decode one image file or tar member fully (truncated files raise): the array, and whether it
+    was resized and whether it changed between grey and colour."""
+    with Image.open(tar.openable(path)) as img:
         img.load()
         resized = img.size != size
         converted = (img.mode in GRAY_MODES) != (channels == 1)
@@ -67,7 +69,8 @@ def pixel_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.sum(axis=0), np.square(flat).sum(axis=0)
 
 
-def decode_chunk(task: tuple[int, list[str]]) -> tuple[int, int, list[int], np.ndarray, np.ndarray, int, int]:
+def decode_chunk(task: tuple[int, list[tar.ImageRef]]
+                 ) -> tuple[int, int, list[int], np.ndarray, np.ndarray, int, int]:
     """Decode `paths` into rows `start...`; returns (start, count, bad rows, sums, sums of squares,
     images resized, images converted between grey and colour)."""
     start, paths = task
@@ -75,7 +78,7 @@ def decode_chunk(task: tuple[int, list[str]]) -> tuple[int, int, list[int], np.n
 
 
 
-def decode_into(fd: int, start: int, paths: list[str], size: tuple[int, int], channels: int,
+def decode_into(fd: int, start: int, paths: list[tar.ImageRef], size: tuple[int, int], channels: int,
                 num_train: int) -> tuple[int, int, list[int], np.ndarray, np.ndarray, int, int]:
     """Decode and write one chunk (shared by workers and the in-process path)."""
     w, h = size
@@ -96,13 +99,13 @@ def decode_into(fd: int, start: int, paths: list[str], size: tuple[int, int], ch
     return start, len(paths), bad, s, sq, resized, converted
 
 
-def probe(paths: list[str], limit: int = 64) -> Optional[tuple[tuple[int, int], int]]:
+def probe(paths: list[tar.ImageRef], limit: int = 64) -> Optional[tuple[tuple[int, int], int]]:
     """Size (W, H) of the first readable image and channels (3 if any probed image has colour)."""
     size: Optional[tuple[int, int]] = None
     channels = 1
     for p in paths[:limit]:
         try:
-            with Image.open(p) as img:
+            with Image.open(tar.openable(p)) as img:
                 img.load()
                 if size is None:
                     size = img.size

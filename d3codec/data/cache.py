@@ -26,6 +26,7 @@ from PIL import Image
 
 from d3codec.data import _decode
 from d3codec.data.sources import ArrayItems, FileItems, Items, Source
+from d3codec.data.tar import ImageRef
 from d3codec.errors import DatasetError
 from d3codec.models.registry import image_size_range
 from d3codec.progress import Progress
@@ -153,13 +154,13 @@ def _target_shape(train: Items, test: Items, resolution: Optional[int]) -> tuple
         _, h, w, c = train.x.shape
         return ((resolution, resolution) if resolution else (w, h)), c
     assert isinstance(train, FileItems)
-    probes: list[str] = []
+    probes: list[ImageRef] = []
     for c in range(min(len(train.counts), 64)):  # the first images of up to 64 classes
         probes += [p for p, _ in train.files_of(c)[:2]]
     found = _decode.probe(probes)
     if found is None:
-        raise DatasetError(f"none of the first images of {os.path.dirname(os.path.dirname(probes[0]))} "
-                           "can be read; check the files")
+        where = os.path.dirname(os.path.dirname(probes[0])) if isinstance(probes[0], str) else probes[0][0]
+        raise DatasetError(f"none of the first images of {where} can be read; check the files")
     size, channels = found
     return ((resolution, resolution) if resolution else size), channels
 

@@ -1,4 +1,4 @@
-"""Where images come from: builtin names, ImageFolder directories, `.npz` files, the embedded set.
+"""Where images come from: builtin names, ImageFolder directories or tars, `.npz` files, the embedded set.
 
 `resolve_source(spec, data_dir)` turns a dataset argument into a `Source`: its class names,
 an identity (bytes hashed into the cache fingerprint: file contents for array files, the
@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from d3codec.data import readers
+from d3codec.data import readers, tar
 from d3codec.data.split import holdout_count, holdout_mask
 from d3codec.errors import DatasetError
 
@@ -29,12 +29,12 @@ _EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded",
 class FileItems:
     """Image files of one split, grouped by class (labels 0..k-1 in order), listed lazily.
 
-    `files_of(c)` returns class c's (absolute path, display name) pairs; it re-reads the folder
-    each call, so a split of any size never sits in memory as a list of paths.
+    `files_of(c)` returns class c's (absolute path or tar member, display name) pairs; it
+    re-reads the folder each call, so a split of any size never sits in memory as a list of paths.
     """
 
     counts: list[int]
-    files_of: Callable[[int], list[tuple[str, str]]]
+    files_of: Callable[[int], list[tuple[tar.ImageRef, str]]]
 
     def __len__(self) -> int:
         return int(sum(self.counts))
@@ -64,7 +64,7 @@ class Source:
 
 
 def resolve_source(spec: str, data_dir: Optional[str] = None) -> Source:
-    """Resolve a dataset argument: a builtin name, an ImageFolder directory or an `.npz` file."""
+    """Resolve a dataset argument: a builtin name, an ImageFolder directory or `.tar`, or an `.npz` file."""
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"empty dataset argument; give a builtin name ({', '.join(BUILTINS)}), a folder or an .npz file")
     if spec in BUILTINS:
@@ -75,10 +75,13 @@ def resolve_source(spec: str, data_dir: Optional[str] = None) -> Source:
     if os.path.isfile(path):
         if path.lower().endswith(".npz"):
             return _npz_source(path)
-        raise DatasetError(f"{spec} is a file but not an .npz; give an .npz with x and y, or an ImageFolder directory")
+        if tar.is_tar_name(path):
+            return tar_source(path)
+        raise DatasetError(f"{spec} is a file but not an .npz or a .tar; give an .npz with x and y, "
+                           "or an ImageFolder directory or .tar")
     looks_like_path = os.sep in spec or spec.startswith((".", "~")) or spec.lower().endswith(".npz")
     if looks_like_path:
-        raise DatasetError(f"no such file or folder: {spec}; give an ImageFolder directory, an .npz file or a builtin name")
+        raise DatasetError(f"no such file or folder: {spec}; give an ImageFolder directory or .tar, an .npz file or a builtin name")
     raise DatasetError(
         f"unknown dataset {spec!r}: not a builtin ({', '.join(BUILTINS)}) and no such file or folder"
     )
@@ -269,6 +272,27 @@ def folder_source(root: str, name: Optional[str] = None, test_root: Optional[str
     return Source(name or os.path.basename(root), "folder", identity, test_root is None, load)
 
 
+def tar_source(path: str, name: Optional[str] = None) -> Source:
+    """An ImageFolder in an uncompressed tar, or a tar of per-class tars, read in place (see `tar.py`);
+    its test split is held out per class as for a folder, so the tar and its extraction agree."""
+    listing = tar.scan_tar(path, IMAGE_EXTENSIONS)
+    class_names = listing.class_names
+    _check_classes(len(class_names), listing.path, class_names)
+
+    def files(c: int, part: bool) -> list[tuple[tar.ImageRef, str]]:
+        members = listing.members_of(c)
+        mask = holdout_mask(np.zeros(len(members), dtype=np.int64), [k for k, _ in members], [class_names[c]])
+        return [(ref, f"{class_names[c]}/{k}") for (k, ref), m in zip(members, mask) if m == part]
+
+    def load() -> Loaded:
+        held = [holdout_count(n) for n in listing.counts]
+        return (class_names, FileItems([n - k for n, k in zip(listing.counts, held)], lambda c: files(c, False)),
+                FileItems(held, lambda c: files(c, True)))
+
+    stem = os.path.basename(path)
+    return Source(name or stem[:stem.lower().rfind(".tar")], "tar", b"tar\0" + listing.digest, True, load)
+
+
 def _has_class_folders(path: str) -> bool:
     return os.path.isdir(path) and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(path))
 
@@ -277,8 +301,10 @@ def _tinyimagenet_source(data_dir: str) -> Source:
     root = data_dir if os.path.isdir(os.path.join(data_dir, "train")) else os.path.join(data_dir, "tiny-imagenet-200")
     train = os.path.join(root, "train")
     annotations = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.isdir(train) and os.path.isfile(os.path.join(data_dir, "train.tar")):
+        return tar_source(os.path.join(data_dir, "train.tar"), name="tinyimagenet")
     if not os.path.isdir(train):
-        raise DatasetError(f"tinyimagenet: no train/ folder in {data_dir}; point --data-dir at tiny-imagenet-200")
+        raise DatasetError(f"tinyimagenet: no train/ folder or train.tar in {data_dir}; point --data-dir at tiny-imagenet-200")
     if not os.path.isfile(annotations):
         return folder_source(train, name="tinyimagenet")
     class_names, counts, digest = _scan_folder(train)
@@ -326,9 +352,11 @@ def _builtin(name: str, data_dir: Optional[str]) -> Source:
         return folder_source(train, name=name, test_root=test)
     if name == "imagenet" and _has_class_folders(data_dir):
         return folder_source(data_dir, name=name)
+    if name == "imagenet" and os.path.isfile(os.path.join(data_dir, "ILSVRC2012_img_train.tar")):
+        return tar_source(os.path.join(data_dir, "ILSVRC2012_img_train.tar"), name=name)
     expected = {
         "cifar10": "cifar-10-batches-py/ (python batches) or train/<class>/ folders",
         "cifar100": "cifar-100-python/ (python batches) or train/<class>/ folders",
-        "imagenet": "train/<wnid>/*.JPEG folders",
+        "imagenet": "train/<wnid>/*.JPEG folders or ILSVRC2012_img_train.tar",
     }[name]
     raise DatasetError(f"{name}: {data_dir} holds neither {expected}; point --data-dir at them")
