@@ -22,7 +22,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -70,7 +70,7 @@ class Estimate:
     seconds: dict[str, float]
     peak_bytes: int
     probe: Probe
-    notes: tuple[str, ...] = ()
+    notes: dict[str, str] = field(default_factory=dict)  # phase -> a word on its figure
 
     @property
     def total(self) -> float:
@@ -237,7 +237,7 @@ def estimate_single(probe: Probe, plan: "Plan", cfg: "DistillConfig", *, classes
         "objective": cfg.iterations * (probe.objective_fixed + classes * probe.objective_per_class),
         "labels": targets * probe.label_image if soft_labels else 0.0,
     }
-    notes = (f"{cached_experts} of {experts} experts cached",) if cached_experts else ()
+    notes = {"experts": f"{cached_experts} of {experts} experts cached"} if cached_experts else {}
     return Estimate(seconds, estimate_memory(probe, plan, cfg, classes, train_images, image_shape), probe, notes)
 
 
@@ -261,10 +261,10 @@ def format_bytes(n: float) -> str:
 def render_single(est: Estimate) -> str:
     """One line: each phase, the total, the peak memory, and what the probe ran on."""
     p = est.probe
-    parts = ", ".join(f"{k} {format_duration(v)}" for k, v in est.seconds.items())
-    cached = f" ({'; '.join(est.notes)})" if est.notes else ""
+    parts = ", ".join(f"{k} {format_duration(v)}" + (f" ({est.notes[k]})" if k in est.notes else "")
+                      for k, v in est.seconds.items())
     return (f"estimate on this machine ({p.device}, {p.threads} thread{'s' if p.threads != 1 else ''}, from a "
-            f"{p.seconds:.0f} s probe): {parts}{cached}; total about {format_duration(est.total)}; "
+            f"{p.seconds:.0f} s probe): {parts}; total about {format_duration(est.total)}; "
             f"peak memory about {format_bytes(est.peak_bytes)}")
 
 
