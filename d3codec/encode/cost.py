@@ -11,9 +11,10 @@ wall time over ranks, with their expert sharing).
 
 Peak memory is a model, not a measurement of the run: the process's resident size before the
 probe, plus the training images of the classes (the uint8 cache is a memmap that the run reads in
-full), plus the per-component state (means, log-variances, their gradients and optimiser moments)
-and the fit's PCA sample at the plan's size, plus the probe's own growth (models, optimisers and
-activations at the real batch sizes) scaled from its classes to one MMD chunk.
+full), plus the per-component state (means, log-variances, their gradients and optimiser moments),
+plus the largest phase's working set as the probe sampled it (models, optimisers and activations
+at the real batch sizes; MMD's scaled from the probe's classes to one `mmd_chunk`; the fit's with
+its PCA sample at the plan's size). Phases run one after another, so only the largest counts.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import math
 import os
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 
 #: Classes of the data the probe distils (an MMD iteration's cost is linear in the classes).
 PROBE_CLASSES = 8
+#: Classes the MMD iteration is timed on (its activations grow with them: 64 px, 4 classes, ~1 GB).
+OBJECTIVE_CLASSES = 4
 #: Fewer classes where K is large: the fit's start (a PCA of the targets) stays about this many rows.
 PROBE_TARGETS = 1024
 #: Seconds each timed phase of the probe may take after its first (warm-up) step.
@@ -57,10 +61,13 @@ class Probe:
     objective_fixed: float         # one objective iteration, the part independent of the classes (MTT)
     objective_per_class: float     # one objective iteration, per class (MMD)
     label_image: float             # one component's soft label (decode its mean, teacher forward)
-    classes: int                   # classes the probe ran on
+    classes: int                   # classes the probe ran on (the fit, MTT)
     targets: int                   # fit targets the probe drew (classes x K)
+    objective_classes: int         # classes the MMD iteration ran on
+    expert_batch: int              # images in the probe's expert batch
+    expert_batch_full: int         # images in the encode's expert batch
     rss_before: int                # bytes resident when the probe started
-    growth: int                    # bytes the process peak grew by during the probe
+    growth: dict[str, int]         # phase -> most bytes resident above its start
 
 
 @dataclass
@@ -118,13 +125,47 @@ def peak_rss() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _timed(step: Callable[[], Any], device: str, budget: float = PHASE_SECONDS, most: int = 3) -> tuple[float, float]:
-    """(seconds of the first call, mean seconds of the calls after it): at least one more call,
-    then more while the phase is under `budget` seconds, at most `most`."""
+class _PeakSampler:
+    """The most bytes resident above the start while active: a thread reads the resident size
+    every few milliseconds (the CPU allocator returns big blocks, so each phase is seen alone)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.start, self.peak = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "_PeakSampler":
+        self.start = self.peak = rss_now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_now())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_now())
+
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+def _timed(step: Callable[[], Any], device: str, budget: float = PHASE_SECONDS, most: int = 3,
+           again: bool = False) -> tuple[float, float]:
+    """(seconds of the first call, mean seconds of the calls after it): more calls while the phase
+    is under `budget` seconds, at most `most`. A first call over `budget` is taken as the measure
+    (its one-off costs are small beside it) unless `again` (the first call has a start of its own)."""
     t0 = time.perf_counter()
     step()
     _sync(device)
     first = time.perf_counter() - t0
+    if first > budget and not again:
+        return first, first
     runs, start = 0, time.perf_counter()
     while runs < 1 or (runs < most and time.perf_counter() - start < budget):
         step()
@@ -138,77 +179,92 @@ def run_probe(real: Any, plan: "Plan", cfg: "DistillConfig", device: str = "cpu"
               labels: bool = False) -> Probe:
     """Time the units of `Probe` on at most `PROBE_CLASSES` classes of `real` (the class view the
     encode distils), with the planned decoder and settings, on `device` and torch's current thread
-    count. Seeded and self-contained: it trains nothing the encode keeps and writes nothing."""
+    count, and sample each phase's memory. Seeded and self-contained: it trains nothing the encode
+    keeps and writes nothing."""
     from d3codec.encode.classifier import default_augment
     from d3codec.encode.distill import Distiller
     from d3codec.models.convnet import ConvNet, init_params
 
     started = time.perf_counter()
-    rss_before, peak_before = rss_now(), peak_rss()
+    rss_before = rss_now()
     n = min(PROBE_CLASSES, len(real.classes), max(2, PROBE_TARGETS // max(1, plan.latents_per_class)))
     sub = real.subset(list(real.classes)[:n])
     meta = sub.metadata()
     experts = _ProbeExperts(sub.image_shape, n, max(epochs, 1), 0, expert_width, expert_depth)
+    growth: dict[str, int] = {}
 
     # Expert training: one SGD step on a real, augmented batch of the experts' size.
-    c, h, w = sub.image_shape
-    net = ConvNet(c, n, (h, w), width=expert_width, depth=expert_depth)
-    init_params(net, torch.Generator().manual_seed(0))
-    net.to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    aug = default_augment()
-    batch = min(expert_batch, len(sub))
-    idx = torch.randperm(len(sub), generator=torch.Generator().manual_seed(0))[:batch].numpy()
-    x, y = sub.batch(idx, device), sub.label_tensor(idx, device)
+    with _PeakSampler() as mem:
+        c, h, w = sub.image_shape
+        net = ConvNet(c, n, (h, w), width=expert_width, depth=expert_depth)
+        init_params(net, torch.Generator().manual_seed(0))
+        net.to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        aug = default_augment()
+        batch = min(expert_batch, len(sub))
+        idx = torch.randperm(len(sub), generator=torch.Generator().manual_seed(0))[:batch].numpy()
+        x, y = sub.batch(idx, device), sub.label_tensor(idx, device)
 
-    def expert_step() -> None:
-        loss = torch.nn.functional.cross_entropy(net(aug(x, torch.Generator().manual_seed(1))), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        def expert_step() -> None:
+            loss = torch.nn.functional.cross_entropy(net(aug(x, torch.Generator().manual_seed(1))), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
-    _, per_step = _timed(expert_step, device)
-    expert_image = per_step / batch
-    del net, opt, x, y
+        _, per_step = _timed(expert_step, device)
+        expert_image = per_step / batch
+        del net, opt, x, y
+    growth["experts"] = mem.growth
 
     fit_step = fit_start = 0.0
     targets = n * plan.latents_per_class
     if cfg.fit_iterations > 0:
-        fit = Distiller(plan, meta, sub, experts, replace(cfg, iterations=0, fit_steps=max(cfg.fit_iterations, 4)),
-                        device=device)
-        first, fit_step = _timed(fit.step, device)
-        fit_start = max(0.0, first - fit_step) / max(1, targets)
-        del fit
+        with _PeakSampler() as mem:
+            fit = Distiller(plan, meta, sub, experts, replace(cfg, iterations=0, fit_steps=max(cfg.fit_iterations, 4)),
+                            device=device)
+            first, fit_step = _timed(fit.step, device, again=True)
+            fit_start = max(0.0, first - fit_step) / max(1, targets)
+            del fit
+        growth["fit"] = mem.growth
 
     fixed = per_class = 0.0
     label_image = 0.0
+    m = min(n, OBJECTIVE_CLASSES)
     objective = replace(cfg, init="random", fit_steps=0, iterations=max(cfg.iterations, 4), final_fraction=0.0)
     if cfg.iterations > 0:
         if "mtt" in cfg.objective:
-            mtt = Distiller(plan, meta, sub, experts, replace(objective, objective="mtt"), device=device)
-            _, fixed = _timed(mtt.step, device)
-            del mtt
+            with _PeakSampler() as mem:
+                mtt = Distiller(plan, meta, sub, experts, replace(objective, objective="mtt"), device=device)
+                _, fixed = _timed(mtt.step, device)
+                del mtt
+            growth["mtt"] = mem.growth
         if "mmd" in cfg.objective:
-            mmd = Distiller(plan, meta, sub, experts, replace(objective, objective="mmd"), device=device)
-            _, per_iteration = _timed(mmd.step, device)
-            per_class = per_iteration / n
-            del mmd
+            with _PeakSampler() as mem:
+                few = sub.subset(list(sub.classes)[:m]) if m < n else sub
+                mmd = Distiller(plan, few.metadata(), few, experts, replace(objective, objective="mmd"), device=device)
+                _, per_iteration = _timed(mmd.step, device)
+                per_class = per_iteration / m
+                del mmd
+            growth["mmd"] = mem.growth
     if labels:
-        label = Distiller(plan, meta, sub, experts, objective, device=device)
-        teacher = experts.build_model().to(device).eval()
-        z = torch.randn(min(256, max(1, targets)), plan.latent_dim, generator=torch.Generator().manual_seed(2))
+        with _PeakSampler() as mem:
+            label = Distiller(plan, meta, sub, experts, objective, device=device)
+            teacher = experts.build_model().to(device).eval()
+            z = torch.randn(min(256, max(1, targets)), plan.latent_dim, generator=torch.Generator().manual_seed(2))
 
-        @torch.no_grad()
-        def label_step() -> None:
-            torch.softmax(teacher(label.decode(z.to(device))), dim=-1)
+            @torch.no_grad()
+            def label_step() -> None:
+                torch.softmax(teacher(label.decode(z.to(device))), dim=-1)
 
-        _, per_batch = _timed(label_step, device)
-        label_image = per_batch / len(z)
-        del label, teacher
+            _, per_batch = _timed(label_step, device)
+            label_image = per_batch / len(z)
+            del label, teacher
+        growth["labels"] = mem.growth
     return Probe(device=str(device), threads=torch.get_num_threads(), seconds=time.perf_counter() - started,
                  expert_image=expert_image, fit_step=fit_step, fit_start_per_target=fit_start,
                  objective_fixed=fixed, objective_per_class=per_class, label_image=label_image, classes=n,
-                 targets=targets, rss_before=rss_before, growth=max(0, peak_rss() - max(peak_before, rss_before)))
+                 targets=targets, objective_classes=m, expert_batch=batch, expert_batch_full=expert_batch,
+                 rss_before=rss_before, growth=growth)
 
 
 def estimate_memory(probe: Probe, plan: "Plan", cfg: "DistillConfig", classes: int, train_images: int,
@@ -220,8 +276,14 @@ def estimate_memory(probe: Probe, plan: "Plan", cfg: "DistillConfig", classes: i
     state = classes * k * d * 4 * 6                                 # means, log-vars, grads, moments
     targets = classes * k
     pca = 3 * 8 * pixels * max(0, min(PCA_ROWS, targets) - min(PCA_ROWS, probe.targets))  # float64 sample, copy, factor
-    scale = max(1.0, min(cfg.mmd_chunk, classes) / max(1, probe.classes))
-    return int(probe.rss_before + data + state + pca + probe.growth * scale)
+    # Activations grow with the batch: the encode's batches where the probe's were smaller.
+    scale = {"experts": min(probe.expert_batch_full, train_images) / max(1, probe.expert_batch),
+             "fit": min(cfg.fit_batch, targets) / max(1, min(cfg.fit_batch, probe.targets)),
+             "mmd": min(cfg.mmd_chunk, classes) / max(1, probe.objective_classes)}
+    g = {k: int(v * max(1.0, scale.get(k, 1.0))) for k, v in probe.growth.items()}
+    if "fit" in g:
+        g["fit"] += pca
+    return int(probe.rss_before + data + state + max(g.values(), default=0))
 
 
 def estimate_single(probe: Probe, plan: "Plan", cfg: "DistillConfig", *, classes: int, train_images: int,
