@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -20,6 +20,9 @@ from d3codec.encode.labels import resolve_labels, store_labels, teacher_probs_of
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry
+
+if TYPE_CHECKING:
+    from d3codec.encode.cost import Estimate
 
 Log = Callable[[str], None]
 
@@ -247,7 +250,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     return load(output)
 
 
-def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptions) -> Any:
+def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptions) -> "Estimate":
     """The `cost.Estimate` of this encode on this machine, from a short timed probe of `real`
     with the plan's decoder and settings (experts already in the cache count 0 s)."""
     from d3codec.encode.cost import cached_experts, estimate_single, run_probe
