@@ -335,7 +335,8 @@ def render_actual(actual: dict[str, float], est: Optional[Estimate]) -> str:
     total = sum(actual.values())
     if est is None:
         return f"took {format_duration(total)}: " + ", ".join(f"{k} {format_duration(v)}" for k, v in actual.items())
-    parts = ", ".join(f"{k} {format_duration(v)}" + (f" ({format_duration(est.seconds[k])})" if k in est.seconds else "")
+    parts = ", ".join(f"{k} {format_duration(v)}"
+                      + (f" ({format_duration(est.seconds[k])})" if k in est.seconds else "")
                       for k, v in actual.items())
     return (f"took {format_duration(total)} (estimate {format_duration(est.total)}); per phase, "
             f"actual (estimate): {parts}; peak memory {format_bytes(peak_rss())} "

@@ -16,7 +16,8 @@ from d3codec.encode.api import EncodeOptions, plan_for
 from d3codec.encode.cost import estimate_single, render_single, run_probe
 
 ESTIMATE = re.compile(r"^estimate on this machine \(cpu, 1 thread, from a \d+ s probe\): experts (\S+)(?: \(.*\))?, "
-                      r"fit (\S+), objective (\S+), labels (\S+); total about (\S+); peak memory about ([\d.]+) (MB|GB)$",
+                      r"fit (\S+), objective (\S+), labels (\S+); total about (\S+); "
+                      r"peak memory about ([\d.]+) (MB|GB)$",
                       re.M)
 
 
