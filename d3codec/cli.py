@@ -292,7 +292,8 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt (to the identical file).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
               help="Iterations between checkpoints (0: only on Ctrl-C).")
-@click.option("--dry-run", is_flag=True, help="Print the plan and byte breakdown, then stop.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, byte breakdown and an estimate of time and peak memory on this "
+              "machine (from a short timed probe), then stop.")
 @click.option("--weights-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
               help="Storage of decoder weights.")
 @click.option("--latent-dtype", type=click.Choice(["I8", "F16", "F32"]), default="I8", show_default=True,
@@ -330,7 +331,8 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
                expert_epochs: Optional[int], unroll: Optional[str], subtasks: Optional[int], subtask: Optional[int],
                split: Optional[str], nproc: int, threads: Optional[int], quiet: bool) -> None:
     """Distil DATASET's train split into one .d3 file of at most --budget bytes (D3: K Gaussian
-    latents per class and a decoder). Prints the plan and byte breakdown first; Ctrl-C saves a
+    latents per class and a decoder). Prints the plan, byte breakdown and a time and memory estimate
+    first (and the time taken at the end); Ctrl-C saves a
     checkpoint that --resume continues from. On CPU the same seed gives byte-identical files for the same
     torch version, CPU capability and --threads (also those of cached experts it reuses); `d3codec info`
     shows what a file was encoded with."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -19,6 +20,9 @@ from d3codec.encode.labels import resolve_labels, store_labels, teacher_probs_of
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry
+
+if TYPE_CHECKING:
+    from d3codec.encode.cost import Estimate
 
 Log = Callable[[str], None]
 
@@ -201,35 +205,64 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     say(plan.summary())
     say(f"{cfg.fit_iterations} fit iterations (K real images per class), then objective {cfg.objective}, "
         f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
+    if not options.dry_run:
+        check_output(output, resume=options.resume)
+    from d3codec.encode.cost import render_actual, render_single
+
+    estimate = None if options.quiet else estimate_encode(dataset, plan, cfg, real, options)
+    if estimate is not None:
+        say(render_single(estimate))
     if options.dry_run:
         return plan
-    check_output(output, resume=options.resume)
     torch.manual_seed(cfg.seed)  # nothing should use the global RNG; this pins anything that does
 
     from d3codec.encode.experts import ensure_experts
 
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     n_exp, n_ep = options.expert_settings(cfg, len(real))
     say(f"experts: {n_exp} x {n_ep} epochs (cached after the first run)")
     experts = ensure_experts(dataset, num_experts=n_exp, epochs=n_ep,
                              classes=None if options.classes is None else real.classes,
                              seed=cfg.seed, cache_dir=options.cache_dir, device=options.device,
                              progress=not options.quiet)
+    seconds["experts"] = time.perf_counter() - started
     distiller = Distiller(plan, real.metadata(), real, experts, cfg, device=options.device)
     from d3codec.encode.loop import run_loop
 
     run_loop(distiller, output + ".ckpt", plan, resume=options.resume,
-             checkpoint_every=options.checkpoint_every, quiet=options.quiet)
+             checkpoint_every=options.checkpoint_every, quiet=options.quiet, seconds=seconds)
+    started = time.perf_counter()
     d3 = export(distiller, plan, real, experts, prov, device=options.device)
+    seconds["labels"] = time.perf_counter() - started  # with the decoder's fold into its stored form
     from d3codec.encode.fitting import save_within_budget
     from d3codec.format.io import load
 
+    started = time.perf_counter()
     size, _ = save_within_budget(d3, output, plan.budget, say)
     try:
         os.unlink(output + ".ckpt")
     except OSError:
         pass
+    seconds["write"] = time.perf_counter() - started
     say(f"wrote {output}: {size:,} bytes ({100.0 * size / plan.budget.bytes:.1f}% of the budget)")
+    say(render_actual(seconds, estimate))  # printed only: a file never holds wall times
     return load(output)
+
+
+def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptions) -> "Estimate":
+    """The `cost.Estimate` of this encode on this machine, from a short timed probe of `real`
+    with the plan's decoder and settings (experts already in the cache count 0 s)."""
+    from d3codec.encode.cost import cached_experts, estimate_single, run_probe
+
+    n_exp, n_ep = options.expert_settings(cfg, len(real))
+    classes = None if options.classes is None else list(real.classes)
+    soft = plan.labels.kind != "hard"
+    probe = run_probe(real, plan, cfg, options.device, epochs=n_ep, labels=soft)
+    return estimate_single(probe, plan, cfg, classes=len(real.classes), train_images=len(real),
+                           image_shape=tuple(real.image_shape), experts=n_exp, epochs=n_ep,
+                           cached_experts=cached_experts(dataset, classes, n_exp, n_ep, cfg.seed, options.cache_dir),
+                           soft_labels=soft)
 
 
 @torch.no_grad()

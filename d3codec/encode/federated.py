@@ -683,6 +683,8 @@ def encode_federated(data: Optional[DataSpec], budget: Union[str, int, Budget], 
         say(fplan.summary())
     if options.dry_run:
         if rank == 0:
+            from d3codec.encode.cost import estimate_cost, render_estimate
+
             say(render_estimate(estimate_cost(dataset, fplan), fplan, max(world, nproc)))
         return fplan
     check_output(output)
@@ -765,120 +767,3 @@ def _run_torchrun(dataset: Any, fplan: FederatedPlan, workdir: str, output: str,
     finally:
         if own_group:
             dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------- dry-run estimate
-
-class _ProbeExperts:
-    """Stand-in experts for the timing probe: random ConvNet parameters, no training needed."""
-
-    def __init__(self, real: Any, epochs: int, seed: int) -> None:
-        from d3codec.models.convnet import flatten_params, init_params
-
-        self._shape = real.image_shape
-        self._classes = real.num_classes
-        self._flat = flatten_params(init_params(self.build_model(), torch.Generator().manual_seed(seed))).detach()
-        self.num_experts, self.num_epochs = 1, epochs
-
-    def build_model(self) -> Any:
-        from d3codec.models.convnet import ConvNet
-
-        c, h, w = self._shape
-        return ConvNet(c, self._classes, (h, w), width=128)
-
-    def flat_at(self, i: int, epoch: int) -> torch.Tensor:
-        return self._flat
-
-
-#: Classes of subtask 0 the probe distils (an iteration's cost is linear in the classes: MMD per class).
-PROBE_CLASSES = 8
-
-
-def estimate_cost(dataset: Any, fplan: FederatedPlan, probe_seconds: float = 2.0) -> dict[str, float]:
-    """Seconds of compute per subtask and for the teacher, from a short timed probe on at most
-    `PROBE_CLASSES` classes of subtask 0 (distillation iterations with stand-in experts, scaled by
-    class count; expert training steps on a real batch). Memory stays small whatever the run."""
-    from d3codec.encode.classifier import default_augment
-    from d3codec.encode.distill import Distiller
-    from d3codec.models.convnet import ConvNet
-
-    options = fplan.subtask_options(0)
-    cfg = options.distill_config()
-    n_exp, n_ep = options.expert_settings(cfg)
-    probe_classes = fplan.groups[0][:PROBE_CLASSES]
-    real = dataset.subset(probe_classes)
-    device = options.device
-    with single_thread():
-        distiller = Distiller(fplan.plans[0], real.metadata(), real, _ProbeExperts(real, n_ep, 0), cfg, device=device)
-        distiller.step()  # warm-up
-        runs, start = 0, time.perf_counter()
-        while runs < 3 and (runs == 0 or time.perf_counter() - start < probe_seconds):
-            distiller.step()
-            runs += 1
-        _sync(device)
-        per_iteration = (time.perf_counter() - start) / runs
-        c, h, w = real.image_shape
-        net = ConvNet(c, real.num_classes, (h, w), width=128).to(device)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01)
-        aug = default_augment()
-        batch = min(256, len(real))
-        gen = torch.Generator().manual_seed(0)
-        idx = torch.randperm(len(real), generator=gen)[:batch].numpy()
-        x, y = real.batch(idx, device), real.label_tensor(idx, device)
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(net(aug(x, torch.Generator().manual_seed(1))), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        per_image = min(times) / batch
-    out: dict[str, float] = {"seconds_per_iteration": per_iteration, "seconds_per_expert_image": per_image}
-    out["seconds_per_iteration"] = per_iteration * len(fplan.groups[0]) / len(probe_classes)
-    for i, g in enumerate(fplan.groups):
-        distil = cfg.iterations * per_iteration * len(g) / len(probe_classes)
-        experts = n_exp * n_ep * fplan.images[i] * per_image
-        out[f"subtask {i}"] = distil + experts
-        out[f"subtask {i} experts"] = experts
-    if fplan.teacher is not None:
-        out["teacher"] = fplan.teacher["epochs"] * sum(fplan.images) * per_image
-    return out
-
-
-def _wall_seconds(cost: dict[str, float], fplan: FederatedPlan, ranks: int) -> float:
-    """Wall time of the run on `ranks` ranks: each rank trains its expert shares, then runs its
-    tasks in order; a shared subtask's lead distils once its whole group has trained its shares."""
-    n = experts_per_subtask(fplan)
-    per_expert = lambda s: cost.get(f"subtask {s} experts", 0.0) / n  # noqa: E731
-    finish = [sum(len(mine) * per_expert(s) for s, mine in expert_shares(fplan, r, ranks)) for r in range(ranks)]
-    ready = list(finish)
-    for r in range(ranks):
-        for t in assigned_tasks(fplan.num_tasks, r, ranks):
-            if t >= fplan.subtasks:
-                finish[r] += cost.get("teacher", 0.0)
-            elif ranks > fplan.subtasks:  # its experts come from phase one
-                group = subtask_group(t, fplan.subtasks, ranks)
-                finish[r] = max(finish[r], *(ready[g] for g in group)) + cost[f"subtask {t}"] - n * per_expert(t)
-            else:
-                finish[r] += cost[f"subtask {t}"]
-    return max(finish)
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def render_estimate(cost: dict[str, float], fplan: FederatedPlan, ranks: int) -> str:
-    """The dry-run's estimate lines: device-hours in all, and the wall time with `ranks` processes."""
-    device = str(fplan.options.device)
-    kind = "GPU" if device.startswith("cuda") else "CPU-process"
-    tasks = [cost[f"subtask {i}"] for i in range(fplan.subtasks)] + ([cost["teacher"]] if "teacher" in cost else [])
-    total = sum(tasks)
-    wall = _wall_seconds(cost, fplan, max(1, ranks))
-    return (f"estimate from a timed probe on {device}: {cost['seconds_per_iteration']:.3f} s per distillation "
-            f"iteration (subtask 0), {1e3 * cost['seconds_per_expert_image']:.3f} ms per expert training image; "
-            f"about {total / 3600:.2f} {kind}-hours in all (subtasks + teacher), "
-            f"{wall / 3600:.2f} h wall with {ranks} process(es)")

@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+import time
+from typing import Any, Optional
 
 from d3codec.encode.checkpoint import load_checkpoint, save_checkpoint
 from d3codec.encode.distill import Distiller
@@ -43,9 +44,11 @@ def restore_state(distiller: Distiller, path: str, plan: Plan) -> None:
 
 
 def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool = False,
-             checkpoint_every: int = 100, quiet: bool = False) -> None:
+             checkpoint_every: int = 100, quiet: bool = False,
+             seconds: Optional[dict[str, float]] = None) -> None:
     """Iterate to `config.total_iterations` (the fit, then the objective), checkpointing every
-    `checkpoint_every` and on Ctrl-C."""
+    `checkpoint_every` and on Ctrl-C. `seconds`, when given, gets each phase's wall time (`fit`,
+    `objective`) added to it."""
     total = distiller.config.total_iterations
     if resume:
         if os.path.isfile(checkpoint):
@@ -60,6 +63,7 @@ def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool 
         for desc, first, last in phases:
             if distiller.iteration >= last:
                 continue
+            started = time.perf_counter()
             with Progress(last - first, desc, unit="it", enabled=not quiet,
                           initial=distiller.iteration - first) as bar:
                 while distiller.iteration < last:
@@ -75,6 +79,9 @@ def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool 
                     if (checkpoint_every > 0 and distiller.iteration % checkpoint_every == 0
                             and distiller.iteration < total):
                         save_state(distiller, checkpoint, plan)
+            if seconds is not None:
+                key = desc.split()[0]
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
 
 
 class _DeferredInterrupt:

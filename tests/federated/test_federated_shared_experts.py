@@ -14,8 +14,9 @@ from conftest import run_cli
 
 from d3codec.data import open_dataset
 from d3codec.encode.api import EncodeOptions
+from d3codec.encode.cost import render_estimate
 from d3codec.encode.federated import (SharedExpertFailed, assigned_tasks, expert_owner, expert_shares,
-                                      part_path, plan_federated, ranks_with_work, render_estimate, run_subtask,
+                                      part_path, plan_federated, ranks_with_work, run_subtask,
                                       subtask_group)
 
 #: One subtask, two 1-epoch experts, a few iterations: seconds per run.
