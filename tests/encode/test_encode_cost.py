@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -15,22 +14,12 @@ from d3codec.data import open_dataset
 from d3codec.encode.api import EncodeOptions, plan_for
 from d3codec.encode.cost import estimate_single, render_single, run_probe
 
+from many_classes import many_classes_npz
+
 ESTIMATE = re.compile(r"^estimate on this machine \(cpu, 1 thread, from a \d+ s probe\): experts (\S+)(?: \(.*\))?, "
                       r"fit (\S+), objective (\S+), labels (\S+); total about (\S+); "
                       r"peak memory about ([\d.]+) (MB|GB)$",
                       re.M)
-
-
-def _many_classes(path, classes: int = 50, per_class: int = 6, size: int = 16) -> str:
-    """A generated many-class set: class c's images share a colour and a stripe, plus noise."""
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(classes), per_class)
-    base = rng.integers(0, 256, size=(classes, 1, 1, 3))
-    x = np.clip(base[y] + rng.normal(0, 20, size=(len(y), size, size, 3)), 0, 255).astype(np.uint8)
-    for c in range(classes):
-        x[y == c, c % size, :, :] = 255
-    np.savez(path, x=x, y=y)
-    return str(path)
 
 
 def _seconds(text: str) -> int:
@@ -49,7 +38,7 @@ def _run(tmp_path, data: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> str:
-    return _many_classes(tmp_path_factory.mktemp("many") / "many.npz")
+    return many_classes_npz(tmp_path_factory.mktemp("many") / "many.npz")
 
 
 def test_dry_run_prints_every_phase_a_total_and_peak_memory(many, tmp_path) -> None:
