@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from d3codec.decode import D3Dataset, PriorTensors
+from d3codec.decode import D3Dataset
 from d3codec.decode.sampling import StoredRows
 from d3codec.format.io import save
 from d3codec.format.types import Labels, Priors, Stored
