@@ -68,3 +68,15 @@ def test_training_writes_progress_lines_to_a_non_terminal_stderr(monkeypatch, ca
     assert "loss " in err[-1]
     train_classifier(model, batches, epochs=2, generator=torch.Generator().manual_seed(0), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_long_epochs_count_steps_so_a_log_hears_from_inside_an_epoch(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("D3CODEC_PROGRESS_INTERVAL", "0")
+    model = torch.nn.Linear(4, 2)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.int64)) for _ in range(5)]
+    train_classifier(model, batches, epochs=2, generator=torch.Generator().manual_seed(0), desc="expert 0")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("expert 0 (2 ep): 0/10 step")
+    assert any(line.startswith("expert 0 (2 ep): 3/10 step (30.0%)") for line in err)  # mid-epoch
+    assert err[-1].startswith("expert 0 (2 ep): 10/10 step (100.0%)")

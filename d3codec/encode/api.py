@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 import torch
 
 from d3codec._version import __version__
-from d3codec.encode.distill import OBJECTIVES, DistillConfig, Distiller, cpu_defaults, default_fit_steps
+from d3codec.encode.distill import (OBJECTIVES, DistillConfig, Distiller, cpu_defaults, default_fit_steps,
+                                    fit_latent_cap, images_per_class)
 from d3codec.encode.labels import resolve_labels, store_labels, teacher_probs_of_batches
 from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
@@ -150,6 +151,19 @@ def capped_k_warning(dataset: Any, budget: Union[str, int, Budget], options: Enc
             "with --classes, or set --latents-per-class")
 
 
+def fit_cap_note(plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptions) -> Optional[str]:
+    """A line saying why K is below the class size, when the fit's length capped it; else None."""
+    if options.latents_per_class is not None or cfg.init != "real":
+        return None
+    n, k = len(real.classes), plan.latents_per_class
+    ipc = images_per_class(plan.budget.bytes, n, real.metadata().image_shape)
+    if k != fit_latent_cap(n, real.metadata().image_shape, cfg, ipc) or k >= smallest_class(real):
+        return None
+    views = cfg.fit_iterations * cfg.fit_batch // max(1, n * k)
+    return (f"K={k}: the {cfg.fit_iterations}-step fit shows each of the {n * k:,} targets about {views} times; "
+            "more components would each be seen too few times (--latents-per-class overrides)")
+
+
 def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptions, *,
              max_latents: Optional[int] = None) -> tuple[Plan, DistillConfig, Any, dict[str, Any]]:
     """Resolve classes, budget and settings: the plan, the loop config, the class view, the provenance.
@@ -170,6 +184,9 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
 
     labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
     max_k = smallest_class(real) if max_latents is None else max_latents
+    ipc = images_per_class(b.bytes, len(classes), metadata.image_shape)
+    if cfg.init == "real":
+        max_k = min(max_k, fit_latent_cap(len(classes), metadata.image_shape, cfg, ipc))
 
     def plan_with(cfg: DistillConfig) -> tuple[Plan, dict[str, Any]]:
         prov = _provenance(options, cfg, classes, dataset, experts)
@@ -180,7 +197,7 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
 
     plan, prov = plan_with(cfg)
     if options.fit_steps is None and "fit_steps" not in options.overrides and cfg.init == "real":
-        steps = default_fit_steps(len(classes) * plan.latents_per_class, cfg)
+        steps = default_fit_steps(len(classes) * plan.latents_per_class, cfg, metadata.image_shape, ipc)
         if steps != cfg.fit_steps:  # the provenance records the fit: plan again with it
             cfg = replace(cfg, fit_steps=steps)
             plan, prov = plan_with(cfg)
@@ -203,6 +220,9 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     if note:
         (log or (lambda s: print(s, file=sys.stderr)))(note)  # shown with --quiet too
     say(plan.summary())
+    why = fit_cap_note(plan, cfg, real, options)
+    if why:
+        say(why)
     say(f"{cfg.fit_iterations} fit iterations (K real images per class), then objective {cfg.objective}, "
         f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
     if not options.dry_run:

@@ -79,14 +79,16 @@ def train_classifier(model: nn.Module, batches: BatchSource, *, epochs: int,
                      lr_decay: bool = True, augment: Optional[Augment] = None,
                      optimizer: Optional[torch.optim.SGD] = None, start_epoch: int = 0,
                      on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.SGD, float], Any]] = None,
-                     progress: bool = True, desc: str = "training") -> TrainResult:
+                     progress: bool = True, desc: str = "training",
+                     steps_per_epoch: Optional[int] = None) -> TrainResult:
     """Train `model` for epochs `start_epoch..epochs-1`; returns counts, time and the final loss.
 
     `augment(x, generator)` (e.g. DSA) is applied to every batch; `generator` may be a function
     epoch -> generator, so an epoch's draws do not depend on earlier epochs (resumable runs).
     `optimizer` and `start_epoch` resume an interrupted run; `on_epoch_end(epoch, model,
-    optimizer, loss)` runs after each epoch (experts save their trajectory there). The model is
-    left in eval mode.
+    optimizer, loss)` runs after each epoch (experts save their trajectory there). Progress counts
+    steps where an epoch has several (`steps_per_epoch`, else `len(batches)`), else epochs. The
+    model is left in eval mode.
     """
     if epochs < 0 or start_epoch < 0:
         raise ValueError("epochs and start_epoch must be non-negative")
@@ -94,7 +96,13 @@ def train_classifier(model: nn.Module, batches: BatchSource, *, epochs: int,
     steps = seen = 0
     loss_mean = float("nan")
     started = time.perf_counter()
-    with Progress(epochs, desc, unit="ep", enabled=progress, initial=start_epoch) as bar:
+    if steps_per_epoch is None and hasattr(batches, "__len__") and not callable(batches):
+        steps_per_epoch = len(batches)  # type: ignore[arg-type]
+    # Long epochs (an expert's pass over a large set) count steps, so a log line comes every 30 s.
+    per_step = steps_per_epoch is not None and steps_per_epoch > 1
+    unit, scale = ("step", steps_per_epoch) if per_step else ("ep", 1)
+    label = f"{desc} ({epochs} ep)" if per_step else desc
+    with Progress(epochs * scale, label, unit=unit, enabled=progress, initial=start_epoch * scale) as bar:
         for epoch in range(start_epoch, epochs):
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch, epochs, lr, lr_decay)
@@ -111,12 +119,15 @@ def train_classifier(model: nn.Module, batches: BatchSource, *, epochs: int,
                 total += loss.detach().cpu() * len(x)
                 count += len(x)
                 steps += 1
+                if per_step:
+                    bar.update()
             seen += count
             if count == 0:
                 raise ValueError("the batch source yielded no batches for an epoch")
             loss_mean = float(total) / count
             bar.set_postfix(loss=f"{loss_mean:.3f}")
-            bar.update()
+            if not per_step:
+                bar.update()
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model, opt, loss_mean)
     model.eval()

@@ -47,6 +47,14 @@ PCA_CODE_STD = 0.3
 #: there scored 43.22% against 42.46% (RESULTS.md).
 FIT_PASSES = 100
 MAX_FIT_STEPS = 4000
+#: At one image per class (float32 bytes) and up to this many pixels the fit takes at most
+#: `MAX_FIT_STEPS`; the cap grows with the images per class the budget holds and shrinks with larger
+#: images, so a fit costs about the same pixel-views per budgeted image anywhere (64x64 1ipc: 1000).
+FIT_PIXELS = 32 * 32
+#: The default plan keeps K low enough that the capped fit still shows every target this many times:
+#: at 64x64 1ipc that is 128 components per class for 100 classes and 12 for 1,000 (the paper's
+#: 1-10); at 32x32 and below it has not bound on any budget measured.
+MIN_FIT_PASSES = 20
 INITS = ("real", "random")
 
 
@@ -70,6 +78,7 @@ class DistillConfig:
     init_lr: float = 1e-2
     mmd_weight: float = 1.0
     mmd_chunk: int = 16              # classes per MMD forward/backward (bounds memory)
+    mmd_classes: int = 0             # classes drawn per MMD update (0: all); bounds its cost at many classes
     augment: bool = True
     final_fraction: float = 0.1      # last share of iterations: frozen BN statistics + fake quantisation
     calibration_samples: int = 4096
@@ -88,6 +97,8 @@ class DistillConfig:
             raise ConfigError(f"--iterations must be at least 0, got {self.iterations}")
         if self.iterations + (self.fit_steps if self.init == "real" else 0) < 1:
             raise ConfigError("nothing to train: --iterations and --fit-steps are both 0; give either at least 1")
+        if self.mmd_classes < 0:
+            raise ConfigError(f"mmd_classes must be at least 0 (0: all classes), got {self.mmd_classes}")
         if self.samples_per_class < 2 or self.real_per_class < 2:
             raise ConfigError("MMD needs at least 2 decoded and 2 real samples per class")
         if not 0.0 <= self.final_fraction <= 1.0:
@@ -111,16 +122,38 @@ class DistillConfig:
         return asdict(self)
 
 
-def default_fit_steps(targets: int, config: DistillConfig) -> int:
+def images_per_class(budget_bytes: int, num_classes: int, image_shape: Sequence[int]) -> float:
+    """What a budget holds in float32 images per class (the field's IPC): 1.0 for `1ipc`."""
+    return budget_bytes / (max(1, num_classes) * 4 * math.prod(int(x) for x in image_shape))
+
+
+def max_fit_steps(image_shape: Sequence[int], ipc: float = 1.0) -> int:
+    """The default fit's most iterations for images of `image_shape` (C, H, W) at `ipc` images per
+    class: `MAX_FIT_STEPS` x max(1, ipc) x `FIT_PIXELS` / pixels, at most `MAX_FIT_STEPS` x max(1, ipc)."""
+    pixels = int(image_shape[-1]) * int(image_shape[-2])
+    scale = max(1.0, ipc) * min(1.0, FIT_PIXELS / max(1, pixels))
+    return max(1, int(MAX_FIT_STEPS * scale))
+
+
+def default_fit_steps(targets: int, config: DistillConfig, image_shape: Sequence[int] = (1, 32, 32),
+                      ipc: float = 1.0) -> int:
     """Fit iterations for `targets` real images (N x K): `FIT_PASSES` views of each, at least
-    `config.fit_steps`, at most `MAX_FIT_STEPS` (or `config.fit_steps` if that is higher)."""
+    `config.fit_steps`, at most `max_fit_steps` (or `config.fit_steps` if higher)."""
     wanted = math.ceil(FIT_PASSES * targets / max(1, config.fit_batch))
-    return int(max(config.fit_steps, min(MAX_FIT_STEPS, wanted)))
+    return int(max(config.fit_steps, min(max_fit_steps(image_shape, ipc), wanted)))
+
+
+def fit_latent_cap(num_classes: int, image_shape: Sequence[int], config: DistillConfig, ipc: float = 1.0) -> int:
+    """Most components per class the default plan takes so that the capped fit shows each of the
+    N x K targets `MIN_FIT_PASSES` times: more would each be seen too few times to be learnt."""
+    views = max(max_fit_steps(image_shape, ipc), config.fit_steps) * config.fit_batch
+    return max(1, views // (max(1, num_classes) * MIN_FIT_PASSES))
 
 
 def cpu_defaults(objective: str = "mmd") -> DistillConfig:
     """Settings that finish in minutes on a 2-core CPU (the `mmd` objective is the cheap one)."""
     return DistillConfig(objective=objective, iterations=100, samples_per_class=24, real_per_class=24, learn_logvar=False,
+                         mmd_classes=10,
                          syn_steps=10, unroll_batch=50, lr_latents=3e-3, lr_decoder=1e-4, lr_lr=1e-6,
                          init_lr=1e-2, final_fraction=0.15, calibration_samples=2048)
 
@@ -237,9 +270,9 @@ class Distiller:
 
     # ---------------------------------------------------------------- objectives
     def _mmd_backward(self) -> float:
-        """Sum over classes of MMD between expert features of decoded and real images of the class;
-        gradients accumulate into `.grad`, `mmd_chunk` classes at a time (memory bounded for any
-        class count). Returns the loss.
+        """Sum over the update's classes (`mmd_classes`) of MMD between expert features of decoded
+        and real images of the class; gradients accumulate into `.grad`, `mmd_chunk` classes at a
+        time (memory bounded for any class count). Returns the loss.
 
         A chunk's classes go through the feature network in one batch each (decoded, real); the
         Siamese augmentation gives the j-th decoded and the j-th real image of a class the same
@@ -251,8 +284,9 @@ class Distiller:
         feat_params = {f"net.{k}": v for k, v in _named(self.net, flat).items()}
         s = cfg.samples_per_class
         total = 0.0
-        for lo in range(0, self.num_classes, cfg.mmd_chunk):
-            chunk = list(range(lo, min(self.num_classes, lo + cfg.mmd_chunk)))
+        drawn = self.mmd_classes()
+        for lo in range(0, len(drawn), cfg.mmd_chunk):
+            chunk = drawn[lo:lo + cfg.mmd_chunk]
             z, _ = self.sample_latents(s, chunk)
             syn = self.decode(z)
             picks = []
@@ -277,6 +311,14 @@ class Distiller:
             (loss * cfg.mmd_weight).backward()
             total += float(loss.detach()) * cfg.mmd_weight
         return total
+
+    def mmd_classes(self) -> list[int]:
+        """The classes of this MMD update: all, or `mmd_classes` of them drawn without replacement
+        (in order), so an update costs the same at any class count."""
+        m = self.config.mmd_classes
+        if m <= 0 or m >= self.num_classes:
+            return list(range(self.num_classes))
+        return sorted(int(c) for c in torch.randperm(self.num_classes, generator=self.generator)[:m])
 
     def _mtt(self) -> float:
         """One trajectory-matching update's gradients (accumulated into .grad); returns the loss."""

@@ -315,7 +315,8 @@ def _train_one(i: int, train: Any, test: Any, config: ExpertConfig, final: str,
     result = train_classifier(model, batches, epochs=config.epochs, start_epoch=done, optimizer=opt,
                               generator=lambda e: _generator(config.seed, i, e, "augment"),
                               lr=config.lr, lr_decay=config.lr_decay, augment=aug, on_epoch_end=save_epoch,
-                              progress=progress, desc=f"expert {i}")
+                              progress=progress, desc=f"expert {i}",
+                              steps_per_epoch=-(-len(train) // config.batch_size))
     rows = []
     for e in range(config.epochs + 1):
         with safe_open(epoch_file(e), framework="pt") as f:

@@ -43,6 +43,10 @@ MAX_LATENTS_PER_CLASS = 1000
 #: (RESULTS.md, "Quality, session 5" and "session 6").
 MAX_LATENT_DIM_GROWTH = 4
 MIN_WIDTH_KEPT = 0.5
+#: The default decoder is at most `WIDTH_PIXELS` // H wide (256 at 32x32, 128 at 64x64): every fit
+#: and objective step decodes a batch, and its cost grows with width^2 x pixels, so larger images get
+#: a narrower decoder (at 64x64, width 352 took 2.4 s a fit step on 2 cores, width 128 about a third).
+WIDTH_PIXELS = 8192
 #: I8 latent means of components that share one prior std s lie on a grid of `CODE_STEP` x s
 #: (`store_priors`); the size estimate takes their std as `CODE_SPREAD` x s (trained files:
 #: 4-8 s on CIFAR-10, MNIST and digits; RESULTS.md, "Quality, session 7").
@@ -406,6 +410,11 @@ def _widest(attempt: Callable[[int], Optional[Plan]], widths: Sequence[int]) -> 
     return best
 
 
+def max_width(image_shape: Sequence[int]) -> int:
+    """The widest default decoder for images of `image_shape` (C, H, W): `WIDTH_PIXELS` // H."""
+    return max(WIDTHS[-1], WIDTH_PIXELS // max(1, int(image_shape[-2])))
+
+
 def component_cap(max_latents_per_class: int) -> int:
     """The most components per class a plan takes: `MAX_LATENTS_PER_CLASS`, or fewer real images."""
     return max(1, min(MAX_LATENTS_PER_CLASS, max_latents_per_class))
@@ -467,7 +476,7 @@ def plan_budget(metadata: Metadata, budget: Budget, *, classes: Optional[Sequenc
     provenance = dict(provenance or {})
     n = len(classes)
     d = latent_dim or default_latent_dim(metadata.image_shape)
-    widths = [width] if width else list(WIDTHS)
+    widths = [width] if width else [w for w in WIDTHS if w <= max_width(metadata.image_shape)]
     smallest: Optional[int] = None
 
     def attempt(k: int, wd: int, lab: LabelStorage) -> Optional[Plan]:

@@ -67,7 +67,9 @@ def test_the_estimate_grows_with_the_work_and_counts_cached_experts_as_free(many
     assert set(base.seconds) == {"experts", "fit", "objective", "labels"} and base.seconds["labels"] == 0.0
     longer = est(cfg=replace(cfg, fit_steps=10 * cfg.fit_steps))
     assert longer.seconds["fit"] > 5 * base.seconds["fit"] and longer.total > base.total
-    assert est(classes=500).seconds["objective"] > 5 * base.seconds["objective"]
+    every = replace(cfg, mmd_classes=0)  # an MMD update over every class costs in proportion to them
+    assert est(cfg=every, classes=500).seconds["objective"] > 5 * est(cfg=every).seconds["objective"]
+    assert cfg.mmd_classes == 10 and est(classes=500).seconds["objective"] == base.seconds["objective"]
     assert est(images=3000).seconds["experts"] > 5 * base.seconds["experts"]
     assert est(images=300_000).peak_bytes > base.peak_bytes + 50_000_000  # the cache is read in full
     cached = est(cached=1)
