@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import click
 
+from d3codec._malloc import keep_freed_memory
 from d3codec._version import __version__
 from d3codec.errors import D3Error
 
@@ -44,6 +45,7 @@ def cli() -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
+    keep_freed_memory()
     cli.main(args=argv, prog_name="d3codec")
 
 

@@ -1,0 +1,31 @@
+"""Keep freed memory in the process (glibc): training loops free and reallocate tens-of-MB
+activation buffers every step, and glibc's default hands each one back to the kernel (mmap above
+32 MB, heap trimming), so every step pays again in page faults. Called by the CLI; library users
+may call `keep_freed_memory()` themselves. Changes speed only, never results."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+#: mallopt parameters (glibc malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+#: Free memory at the top of the heap beyond this is still returned to the kernel.
+TRIM_THRESHOLD = 1 << 30
+#: Set to 0 to leave glibc's malloc settings alone.
+ENV = "D3CODEC_MALLOC_TUNING"
+
+
+def keep_freed_memory() -> bool:
+    """Serve large allocations from the heap and trim it only past `TRIM_THRESHOLD`; True when set
+    (Linux with glibc, and `D3CODEC_MALLOC_TUNING` is not 0), else False and nothing changes."""
+    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
