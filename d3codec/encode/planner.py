@@ -26,6 +26,7 @@ from d3codec.encode.labels import LabelStorage, placeholder_labels
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format import _zstd
 from d3codec.format.io import LEVEL_LARGE, LEVEL_SMALL, SMALL_SECTION, encoded_size, size_upper_bound
+from d3codec.format.types import DTYPE_BYTES as _DTYPE_BYTES
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
 
 #: Decoder widths (channels of the first feature map) the planner tries, widest first.
@@ -48,7 +49,6 @@ MIN_WIDTH_KEPT = 0.5
 #: 4-8 s on CIFAR-10, MNIST and digits; RESULTS.md, "Quality, session 7").
 CODE_STEP = 2.0
 CODE_SPREAD = 8.0
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "I8": 1}
 #: Tensors smaller than this are stored as F16 even when weights are I8 (scales would cost more).
 MIN_QUANT_NUMEL = 64
 DECODER_FAMILY, DECODER_VERSION = "small", 1
@@ -200,11 +200,10 @@ def _placeholder(metadata: Metadata, family: str, version: int, hparams: dict[st
 
 def _decoder_bytes(family: str, version: int, hparams: dict[str, Any], weight_dtype: str) -> int:
     """Bytes of the decoder's stored tensor values (no headers), from shapes alone."""
-    size = {"F32": 4, "F16": 2, "I8": 1, "I64": 8}
     total = 0
     for shape, dt in decoder_shapes(family, version, hparams).values():
         kind = tensor_dtype(tuple(shape), weight_dtype)[0] if dt.is_floating_point else "I64"
-        total += math.prod(shape) * size[kind]
+        total += math.prod(shape) * _DTYPE_BYTES[kind]
     return total
 
 

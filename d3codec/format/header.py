@@ -6,16 +6,17 @@ declarations (`parse_header`) and checks every shape and field before any tensor
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from d3codec.format._json import canonical_json, strict_loads
 from d3codec.format.errors import InvalidFieldError, OutOfRangeError
 from d3codec.format.limits import ReaderLimits
 from d3codec.format.types import (
+    DTYPE_BYTES,
     FLOAT_DTYPES,
     INDEX_DTYPES,
     QUANT_DTYPES,
@@ -100,29 +101,10 @@ def f32_json(x: float) -> float:
 
 # ---------------------------------------------------------------- JSON helpers
 
-def canonical_json(obj: Any) -> bytes:
-    """Canonical UTF-8 JSON: sorted keys, no spaces, shortest float repr, no NaN/Infinity."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def strict_object(pairs: list) -> dict:
-    """A JSON object hook that refuses duplicate keys (the spec forbids them)."""
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
 def parse_json(raw: bytes, ctx: Ctx) -> dict[str, Any]:
     """Strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=strict_object, parse_constant=_no_constants)
+        obj = strict_loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise ctx.invalid(f"header is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(obj, dict):
@@ -221,9 +203,7 @@ def check_quant(decl: TensorDecl, ctx: Ctx, path: str) -> None:
 
 def tensor_bytes(decl: TensorDecl) -> int:
     """Bytes of the tensor's raw data (Python ints: no overflow)."""
-    from d3codec.format._safetensors import itemsize
-
-    n = itemsize(decl.dtype)
+    n = DTYPE_BYTES[decl.dtype]
     for d in decl.shape:
         n *= d
     return n

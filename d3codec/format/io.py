@@ -19,6 +19,7 @@ import torch
 
 from d3codec.errors import BudgetError
 from d3codec.format import _safetensors, _zstd
+from d3codec.format._json import canonical_json
 from d3codec.format.errors import (
     BadMagicError,
     ChecksumError,
@@ -35,7 +36,6 @@ from d3codec.format.header import (
     Ctx,
     Plan,
     TensorDecl,
-    canonical_json,
     check_quant,
     check_structure,
     f32_json,
