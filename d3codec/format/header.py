@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from d3codec.format._json import canonical_json, strict_loads
+from d3codec.format._json import strict_loads
 from d3codec.format.errors import InvalidFieldError, OutOfRangeError
 from d3codec.format.limits import ReaderLimits
 from d3codec.format.types import (

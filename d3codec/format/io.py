@@ -59,7 +59,7 @@ ALIGN = 8
 SMALL_SECTION = 1 << 20
 LEVEL_SMALL, LEVEL_LARGE = 19, 9
 #: Widest JSON text of a float32 scale (e.g. 1234567900000000.0) and of an I8/U8 zero point.
-_SCALE_CHARS, _ZERO_POINT_CHARS = 18, 4
+SCALE_JSON_CHARS, ZERO_POINT_JSON_CHARS = 18, 4
 
 #: Section storage choices of the writer: zstd when smaller ("auto") or always raw ("none").
 COMPRESSION = ("auto", "none")
@@ -250,9 +250,9 @@ def size_upper_bound(d3: D3File, budget: BudgetArg = None) -> int:
         offset = _align(offset + raw)
         for decl in decls.values():
             for s in decl.scale or ():
-                slack += max(0, _SCALE_CHARS - len(repr(f32_json(s))))
+                slack += max(0, SCALE_JSON_CHARS - len(repr(f32_json(s))))
             for z in decl.zero_point or ():
-                slack += max(0, _ZERO_POINT_CHARS - len(str(z)))
+                slack += max(0, ZERO_POINT_JSON_CHARS - len(str(z)))
     head = len(canonical_json(header_object(plan))) + slack
     return PRELUDE_SIZE + head + (ALIGN - 1) + offset + TRAILER_SIZE
 
