@@ -13,17 +13,14 @@ from typing import Any, Mapping
 
 import torch
 
+from d3codec.format._json import strict_object
 from d3codec.format.errors import InvalidFieldError, OutOfRangeError
-from d3codec.format.header import strict_object
-from d3codec.format.types import STORAGE_DTYPES
-
-_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in STORAGE_DTYPES.items()}
-
+from d3codec.format.types import DTYPE_BYTES, STORAGE_DTYPES, dtype_name
 
 
 def itemsize(dtype: str) -> int:
     """Bytes per element of an on-disk dtype name."""
-    return _ITEMSIZE[dtype]
+    return DTYPE_BYTES[dtype]
 
 
 def _header(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, int]:
@@ -50,8 +47,6 @@ def blob_size(specs: list[tuple[str, str, tuple[int, ...]]]) -> int:
 def encode_parts(tensors: Mapping[str, torch.Tensor]) -> list:
     """The canonical safetensors bytes of `tensors` as buffers to concatenate, without copying
     tensor data (contiguous CPU tensors are viewed in place; others are copied once)."""
-    from d3codec.format.types import dtype_name
-
     specs = [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
     head, _ = _header(specs)
     parts: list = [struct.pack("<Q", len(head)) + head]

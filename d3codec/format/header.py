@@ -1,21 +1,25 @@
 """The `.d3` header: D3File <-> canonical JSON object, and the structural checks both sides share.
 
-The writer builds the header from a `D3File` (`build_header`); the reader parses it back into
-declarations (`parse_header`) and checks every shape and field before any tensor is allocated.
-`check_structure` is the one place that knows which tensors a file must hold and their shapes.
+The writer builds the header from a `D3File` (`plan_of`, `header_object`); the reader parses it
+back into declarations (`parse_header`) and checks every shape and field before any tensor is
+allocated. `parse_header` reads JSON into typed records, checking only what reading needs (JSON
+types of what it descends into, the reader's limits, counts that must agree with shapes);
+`check_structure` checks every fact about the values, once, for writer and reader alike: it is
+the one place that knows which tensors a file must hold and their shapes.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from d3codec.format._json import strict_loads
 from d3codec.format.errors import InvalidFieldError, OutOfRangeError
 from d3codec.format.limits import ReaderLimits
 from d3codec.format.types import (
+    DTYPE_BYTES,
     FLOAT_DTYPES,
     INDEX_DTYPES,
     QUANT_DTYPES,
@@ -100,29 +104,10 @@ def f32_json(x: float) -> float:
 
 # ---------------------------------------------------------------- JSON helpers
 
-def canonical_json(obj: Any) -> bytes:
-    """Canonical UTF-8 JSON: sorted keys, no spaces, shortest float repr, no NaN/Infinity."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def strict_object(pairs: list) -> dict:
-    """A JSON object hook that refuses duplicate keys (the spec forbids them)."""
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
 def parse_json(raw: bytes, ctx: Ctx) -> dict[str, Any]:
     """Strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=strict_object, parse_constant=_no_constants)
+        obj = strict_loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise ctx.invalid(f"header is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(obj, dict):
@@ -141,6 +126,13 @@ def _field(obj: dict, key: str, kinds: Any, ctx: Ctx, path: str, optional: bool 
     if not isinstance(value, kinds):
         raise ctx.invalid(f"header field {path}.{key} must be {_kind_name(kinds)}, not {type(value).__name__}")
     return value
+
+
+def _required(obj: dict, key: str, ctx: Ctx, path: str) -> Any:
+    """The value of `key`, of any JSON type (`check_structure` checks it)."""
+    if key not in obj:
+        raise ctx.invalid(f"header field {path}.{key} is missing")
+    return obj[key]
 
 
 def _kind_name(kinds: Any) -> str:
@@ -221,9 +213,7 @@ def check_quant(decl: TensorDecl, ctx: Ctx, path: str) -> None:
 
 def tensor_bytes(decl: TensorDecl) -> int:
     """Bytes of the tensor's raw data (Python ints: no overflow)."""
-    from d3codec.format._safetensors import itemsize
-
-    n = itemsize(decl.dtype)
+    n = DTYPE_BYTES[decl.dtype]
     for d in decl.shape:
         n *= d
     return n
@@ -241,6 +231,35 @@ def _value_tensor(decl: Optional[TensorDecl], ctx: Ctx, path: str, shape: tuple[
 
 # ---------------------------------------------------------------- the header object
 
+@dataclass(frozen=True)
+class DecoderDecl:
+    """A decoder as the header declares it: architecture, hyper-parameters, classes, tensors."""
+
+    family: str
+    version: int
+    hparams: dict[str, Any]
+    classes: list[int]
+    tensors: dict[str, TensorDecl]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"family": self.family, "version": self.version, "hparams": self.hparams, "classes": list(self.classes),
+                "tensors": {k: v.to_json() for k, v in self.tensors.items()}}
+
+
+@dataclass(frozen=True)
+class SectionEntry:
+    """One row of the section table: where a section lies in the data area and how it is stored."""
+
+    name: str
+    codec: str  # one of CODECS
+    offset: int  # from the start of the data area
+    length: int  # stored bytes
+    raw_length: int  # bytes after decompression
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class Plan:
     """What a header declares: everything of a D3File but the tensor data, plus the section table."""
@@ -248,19 +267,19 @@ class Plan:
     metadata: Metadata
     priors_kind: str
     priors: dict[str, TensorDecl]
-    decoders: list[dict[str, Any]]  # family, version, hparams, classes, tensors: dict[str, TensorDecl]
+    decoders: list[DecoderDecl]
     labels_kind: str
     labels_layout: Optional[str]
     labels: dict[str, TensorDecl]
     budget: Optional[Budget]
     provenance: dict[str, Any]
-    sections: list[dict[str, Any]]  # name, codec, offset, length, raw_length
+    sections: list[SectionEntry]
 
     def section_tensors(self) -> dict[str, dict[str, TensorDecl]]:
         """Section name -> the tensors it must hold."""
         out = {"priors": self.priors}
         for i, dec in enumerate(self.decoders):
-            out[f"decoder.{i}"] = dec["tensors"]
+            out[f"decoder.{i}"] = dec.tensors
         if self.labels_kind == "soft":
             out["labels"] = self.labels
         return out
@@ -283,11 +302,9 @@ def plan_of(d3: D3File) -> Plan:
         value_range=tuple(float(v) for v in m.value_range),
         fingerprint=m.fingerprint,
     )
-    decoders = [
-        {"family": d.family, "version": d.version, "hparams": d.hparams, "classes": list(d.classes),
-         "tensors": {k: TensorDecl.of(v) for k, v in d.weights.items()}}
-        for d in d3.decoders
-    ]
+    decoders = [DecoderDecl(d.family, d.version, d.hparams,
+                            list(d.classes) if isinstance(d.classes, (list, tuple)) else d.classes,  # checked later
+                            {k: TensorDecl.of(v) for k, v in d.weights.items()}) for d in d3.decoders]
     budget = d3.budget
     if budget is not None:
         budget = Budget(bytes=budget.bytes, unit=budget.unit, ipc=None if budget.ipc is None else float(budget.ipc), spec=budget.spec)
@@ -320,14 +337,10 @@ def header_object(plan: Plan) -> dict[str, Any]:
         "format_version": [FORMAT_MAJOR, FORMAT_MINOR],
         "metadata": meta,
         "priors": priors,
-        "decoders": [
-            {"family": d["family"], "version": d["version"], "hparams": d["hparams"], "classes": list(d["classes"]),
-             "tensors": {k: v.to_json() for k, v in d["tensors"].items()}}
-            for d in plan.decoders
-        ],
+        "decoders": [d.to_json() for d in plan.decoders],
         "labels": labels,
         "provenance": plan.provenance,
-        "sections": plan.sections,
+        "sections": [s.to_json() for s in plan.sections],
     }
     if plan.budget is not None:
         b = plan.budget
@@ -346,7 +359,9 @@ def parse_header(obj: dict[str, Any], ctx: Ctx, limits: ReaderLimits) -> Plan:
     if len(version) != 2 or version[0] != FORMAT_MAJOR:
         raise ctx.invalid(f"header field format_version {version} disagrees with the prelude's major version {FORMAT_MAJOR}")
     m = _field(obj, "metadata", dict, ctx, "header")
-    num_classes = _int(m, "num_classes", ctx, "metadata", 1, limits.max_classes)
+    num_classes = _required(m, "num_classes", ctx, "metadata")
+    if isinstance(num_classes, int) and num_classes > limits.max_classes:  # before anything sized by it
+        raise ctx.out_of_range(f"header field metadata.num_classes = {num_classes} is over the limit {limits.max_classes}")
     names = _field(m, "class_names", list, ctx, "metadata")
     if any(not isinstance(n, str) for n in names):
         raise ctx.invalid("metadata.class_names must be a list of strings")
@@ -391,16 +406,13 @@ def parse_header(obj: dict[str, Any], ctx: Ctx, limits: ReaderLimits) -> Plan:
         path = f"decoders[{i}]"
         if not isinstance(d, dict):
             raise ctx.invalid(f"header field {path} must be an object")
-        classes = _field(d, "classes", list, ctx, path)
-        if any(isinstance(c, bool) or not isinstance(c, int) for c in classes):
-            raise ctx.invalid(f"{path}.classes must be a list of integers")
-        decoders.append({
-            "family": _field(d, "family", str, ctx, path),
-            "version": _int(d, "version", ctx, path),
-            "hparams": _field(d, "hparams", dict, ctx, path),
-            "classes": list(classes),
-            "tensors": tensors(d, path),
-        })
+        decoders.append(DecoderDecl(
+            family=_required(d, "family", ctx, path),
+            version=_required(d, "version", ctx, path),
+            hparams=_required(d, "hparams", ctx, path),
+            classes=_required(d, "classes", ctx, path),
+            tensors=tensors(d, path),
+        ))
     lab = _field(obj, "labels", dict, ctx, "header")
     labels_kind = _field(lab, "kind", str, ctx, "labels")
     labels_layout = _field(lab, "layout", str, ctx, "labels", optional=True)
@@ -412,17 +424,14 @@ def parse_header(obj: dict[str, Any], ctx: Ctx, limits: ReaderLimits) -> Plan:
     budget = None
     b = _field(obj, "budget", dict, ctx, "header", optional=True)
     if b is not None:
-        unit = _field(b, "unit", str, ctx, "budget")
-        if unit not in BUDGET_UNITS:
-            raise ctx.invalid(f"budget.unit {unit!r} is not one of {list(BUDGET_UNITS)}")
         ipc = b.get("ipc")
         budget = Budget(
-            bytes=_int(b, "bytes", ctx, "budget", 1),
-            unit=unit,
+            bytes=_required(b, "bytes", ctx, "budget"),
+            unit=_required(b, "unit", ctx, "budget"),
             ipc=None if ipc is None else _num(ipc, ctx, "budget.ipc"),
             spec=_field(b, "spec", str, ctx, "budget", optional=True),
         )
-    provenance = _field(obj, "provenance", dict, ctx, "header")
+    provenance = _required(obj, "provenance", ctx, "header")
     secs = _field(obj, "sections", list, ctx, "header")
     if len(secs) > limits.max_sections:
         raise ctx.out_of_range(f"the header declares {len(secs)} sections, over the limit {limits.max_sections}")
@@ -434,13 +443,13 @@ def parse_header(obj: dict[str, Any], ctx: Ctx, limits: ReaderLimits) -> Plan:
         codec = _field(s, "codec", str, ctx, path)
         if codec not in CODECS:
             raise ctx.invalid(f"{path}.codec {codec!r} is not one of {list(CODECS)}")
-        sections.append({
-            "name": _field(s, "name", str, ctx, path),
-            "codec": codec,
-            "offset": _int(s, "offset", ctx, path),
-            "length": _int(s, "length", ctx, path),
-            "raw_length": _int(s, "raw_length", ctx, path),
-        })
+        sections.append(SectionEntry(
+            name=_field(s, "name", str, ctx, path),
+            codec=codec,
+            offset=_int(s, "offset", ctx, path),
+            length=_int(s, "length", ctx, path),
+            raw_length=_int(s, "raw_length", ctx, path),
+        ))
     plan = Plan(metadata, priors_kind, priors, decoders, labels_kind, labels_layout, labels, budget, provenance, sections)
     check_structure(plan, ctx)
     return plan
@@ -450,8 +459,8 @@ def check_structure(plan: Plan, ctx: Ctx) -> None:
     """Every declared field and shape is consistent: the checks writer and reader share."""
     m = plan.metadata
     n = m.num_classes
-    if not isinstance(n, int) or n < 1:
-        raise ctx.invalid(f"metadata.num_classes must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ctx.invalid(f"metadata.num_classes must be a positive integer, got {n!r:.40}")
     if len(m.class_names) != n:
         raise ctx.invalid(f"metadata has {len(m.class_names)} class names for {n} classes")
     c, h, w = m.image_shape
@@ -494,15 +503,17 @@ def check_structure(plan: Plan, ctx: Ctx) -> None:
         raise ctx.invalid("the file has no decoder")
     owner = [-1] * n
     for i, dec in enumerate(plan.decoders):
-        if not isinstance(dec["family"], str) or not dec["family"]:
+        if not isinstance(dec.family, str) or not dec.family:
             raise ctx.invalid(f"decoders[{i}].family must be a non-empty string")
-        if isinstance(dec["version"], bool) or not isinstance(dec["version"], int) or dec["version"] < 0:
+        if isinstance(dec.version, bool) or not isinstance(dec.version, int) or dec.version < 0:
             raise ctx.invalid(f"decoders[{i}].version must be a non-negative integer")
-        if not isinstance(dec["hparams"], dict):
+        if not isinstance(dec.hparams, dict):
             raise ctx.invalid(f"decoders[{i}].hparams must be a dict")
-        for cls in dec["classes"]:
+        if not isinstance(dec.classes, list):
+            raise ctx.invalid(f"decoders[{i}].classes must be a list of class indices")
+        for cls in dec.classes:
             if isinstance(cls, bool) or not isinstance(cls, int) or not 0 <= cls < n:
-                raise ctx.invalid(f"decoders[{i}].classes holds {cls!r}, not a class index in [0, {n})")
+                raise ctx.invalid(f"decoders[{i}].classes holds {cls!r:.40}, not a class index in [0, {n})")
             if owner[cls] != -1:
                 raise ctx.invalid(f"class {cls} is drawn by decoders {owner[cls]} and {i}; each class needs exactly one decoder")
             owner[cls] = i
@@ -535,9 +546,9 @@ def check_structure(plan: Plan, ctx: Ctx) -> None:
     b = plan.budget
     if b is not None:
         if isinstance(b.bytes, bool) or not isinstance(b.bytes, int) or b.bytes < 1:
-            raise ctx.invalid(f"budget.bytes must be a positive integer, got {b.bytes!r}")
-        if b.unit not in BUDGET_UNITS:
-            raise ctx.invalid(f"budget.unit {b.unit!r} is not one of {list(BUDGET_UNITS)}")
+            raise ctx.invalid(f"budget.bytes must be a positive integer, got {b.bytes!r:.40}")
+        if not isinstance(b.unit, str) or b.unit not in BUDGET_UNITS:
+            raise ctx.invalid(f"budget.unit {b.unit!r:.40} is not one of {list(BUDGET_UNITS)}")
         if b.ipc is not None and not (math.isfinite(b.ipc) and b.ipc > 0):
             raise ctx.invalid("budget.ipc must be a positive finite number")
     if not isinstance(plan.provenance, dict):

@@ -19,6 +19,7 @@ import torch
 
 from d3codec.errors import BudgetError
 from d3codec.format import _safetensors, _zstd
+from d3codec.format._json import canonical_json
 from d3codec.format.errors import (
     BadMagicError,
     ChecksumError,
@@ -34,8 +35,8 @@ from d3codec.format.header import (
     FORMAT_MINOR,
     Ctx,
     Plan,
+    SectionEntry,
     TensorDecl,
-    canonical_json,
     check_quant,
     check_structure,
     f32_json,
@@ -59,7 +60,7 @@ ALIGN = 8
 SMALL_SECTION = 1 << 20
 LEVEL_SMALL, LEVEL_LARGE = 19, 9
 #: Widest JSON text of a float32 scale (e.g. 1234567900000000.0) and of an I8/U8 zero point.
-_SCALE_CHARS, _ZERO_POINT_CHARS = 18, 4
+SCALE_JSON_CHARS, ZERO_POINT_JSON_CHARS = 18, 4
 
 #: Section storage choices of the writer: zstd when smaller ("auto") or always raw ("none").
 COMPRESSION = ("auto", "none")
@@ -136,7 +137,7 @@ def _encode(d3: D3File, budget: BudgetArg, compression: str = "auto") -> tuple[l
             if len(packed) < raw_length:
                 codec, data, length = "zstd", [packed], len(packed)
         offset = _align(offset)
-        plan.sections.append({"name": name, "codec": codec, "offset": offset, "length": length, "raw_length": raw_length})
+        plan.sections.append(SectionEntry(name, codec, offset, length, raw_length))
         payloads.append(data)
         offset += length
     codec, head, head_raw = _header_bytes(plan)
@@ -146,9 +147,9 @@ def _encode(d3: D3File, budget: BudgetArg, compression: str = "auto") -> tuple[l
     parts: list = [prelude, head, bytes(data_start - PRELUDE_SIZE - len(head))]
     pos = 0
     for sec, data in zip(plan.sections, payloads):
-        parts.append(bytes(sec["offset"] - pos))
+        parts.append(bytes(sec.offset - pos))
         parts.extend(data)
-        pos = sec["offset"] + sec["length"]
+        pos = sec.offset + sec.length
     crc = 0
     for part in parts:
         crc = zlib.crc32(part, crc)
@@ -157,13 +158,13 @@ def _encode(d3: D3File, budget: BudgetArg, compression: str = "auto") -> tuple[l
     return parts, breakdown, d3
 
 
-def _breakdown(header: int, sections: list[dict], file_length: int) -> dict[str, int]:
+def _breakdown(header: int, sections: list[SectionEntry], file_length: int) -> dict[str, int]:
     """Part name -> bytes: header (prelude + header), each known section, other (padding, CRC, unknown)."""
     out = {"header": header, "priors": 0}
     for sec in sections:
-        if sec["name"] == "priors" or sec["name"].startswith("decoder."):
-            out[sec["name"]] = sec["length"]
-    out["labels"] = next((s["length"] for s in sections if s["name"] == "labels"), 0)
+        if sec.name == "priors" or sec.name.startswith("decoder."):
+            out[sec.name] = sec.length
+    out["labels"] = next((s.length for s in sections if s.name == "labels"), 0)
     out["other"] = file_length - sum(out.values())
     return out
 
@@ -246,13 +247,13 @@ def size_upper_bound(d3: D3File, budget: BudgetArg = None) -> int:
     slack = 0
     for name, decls in plan.section_tensors().items():
         raw = _safetensors.blob_size([(k, v.dtype, v.shape) for k, v in decls.items()])
-        plan.sections.append({"name": name, "codec": "none", "offset": offset, "length": raw, "raw_length": raw})
+        plan.sections.append(SectionEntry(name, "none", offset, raw, raw))
         offset = _align(offset + raw)
         for decl in decls.values():
             for s in decl.scale or ():
-                slack += max(0, _SCALE_CHARS - len(repr(f32_json(s))))
+                slack += max(0, SCALE_JSON_CHARS - len(repr(f32_json(s))))
             for z in decl.zero_point or ():
-                slack += max(0, _ZERO_POINT_CHARS - len(str(z)))
+                slack += max(0, ZERO_POINT_JSON_CHARS - len(str(z)))
     head = len(canonical_json(header_object(plan))) + slack
     return PRELUDE_SIZE + head + (ALIGN - 1) + offset + TRAILER_SIZE
 
@@ -350,26 +351,26 @@ def _decode(buf: Union[bytearray, mmap.mmap], where: str, limits: ReaderLimits) 
     if any(buf[PRELUDE_SIZE + hstored : data_start]):
         raise ctx.invalid("padding after the header is not zero")
     expected = plan.section_tensors()
-    order = [s["name"] for s in plan.sections if s["name"] in expected]
+    order = [s.name for s in plan.sections if s.name in expected]
     if order != list(expected):
         raise ctx.invalid(f"sections {order} do not match the declared parts {list(expected)} (names, order or duplicates)")
     pos = 0
     total_raw = 0
     for sec in plan.sections:
-        if sec["offset"] != _align(pos):
-            raise OutOfRangeError(f"{where}: section {sec['name']!r} starts at {sec['offset']}, expected {_align(pos)}; {fix}")
-        end = sec["offset"] + sec["length"]
+        if sec.offset != _align(pos):
+            raise OutOfRangeError(f"{where}: section {sec.name!r} starts at {sec.offset}, expected {_align(pos)}; {fix}")
+        end = sec.offset + sec.length
         if data_start + end > data_end:
-            raise OutOfRangeError(f"{where}: section {sec['name']!r} ends at byte {data_start + end}, past the data end {data_end}; {fix}")
-        if any(buf[data_start + pos : data_start + sec["offset"]]):
-            raise ctx.invalid(f"padding before section {sec['name']!r} is not zero")
-        if sec["codec"] == "none" and sec["length"] != sec["raw_length"]:
-            raise OutOfRangeError(f"{where}: uncompressed section {sec['name']!r} stores {sec['length']} bytes but declares {sec['raw_length']}; {fix}")
-        total_raw += sec["raw_length"]
-        if sec["name"] in expected:
-            need = 8 + sum(tensor_bytes(d) for d in expected[sec["name"]].values())
-            if sec["raw_length"] < need:
-                raise OutOfRangeError(f"{where}: section {sec['name']!r} declares {sec['raw_length']} bytes, its tensors need at least {need}; {fix}")
+            raise OutOfRangeError(f"{where}: section {sec.name!r} ends at byte {data_start + end}, past the data end {data_end}; {fix}")
+        if any(buf[data_start + pos : data_start + sec.offset]):
+            raise ctx.invalid(f"padding before section {sec.name!r} is not zero")
+        if sec.codec == "none" and sec.length != sec.raw_length:
+            raise OutOfRangeError(f"{where}: uncompressed section {sec.name!r} stores {sec.length} bytes but declares {sec.raw_length}; {fix}")
+        total_raw += sec.raw_length
+        if sec.name in expected:
+            need = 8 + sum(tensor_bytes(d) for d in expected[sec.name].values())
+            if sec.raw_length < need:
+                raise OutOfRangeError(f"{where}: section {sec.name!r} declares {sec.raw_length} bytes, its tensors need at least {need}; {fix}")
         pos = end
     if data_start + pos != data_end:
         raise OutOfRangeError(f"{where}: sections end at byte {data_start + pos}, not at the checksum ({data_end}); {fix}")
@@ -381,20 +382,20 @@ def _decode(buf: Union[bytearray, mmap.mmap], where: str, limits: ReaderLimits) 
     # ---- sections: decompress (bounded) and parse
     loaded: dict[str, dict[str, Stored]] = {}
     for sec in plan.sections:
-        name = sec["name"]
+        name = sec.name
         if name not in expected:
             continue
-        start = data_start + sec["offset"]
+        start = data_start + sec.offset
         label = f"{where}: section {name!r}"
-        if sec["codec"] == "zstd":
-            view = memoryview(buf)[start : start + sec["length"]]
-            src = _zstd.decompress_bounded(view, sec["raw_length"], label, limits.max_window_bytes)
+        if sec.codec == "zstd":
+            view = memoryview(buf)[start : start + sec.length]
+            src = _zstd.decompress_bounded(view, sec.raw_length, label, limits.max_window_bytes)
             view.release()
             base = 0
         else:
             src, base = buf, start
         decls = expected[name]
-        raw = _safetensors.decode(src, base, sec["raw_length"], {k: (d.dtype, d.shape) for k, d in decls.items()},
+        raw = _safetensors.decode(src, base, sec.raw_length, {k: (d.dtype, d.shape) for k, d in decls.items()},
                                   label, limits.max_header_bytes)
         loaded[name] = {k: _stored(raw[k], d) for k, d in decls.items()}
     _check_content(loaded, plan, ctx)
@@ -415,7 +416,7 @@ def _assemble(plan: Plan, loaded: dict[str, dict[str, Stored]], version: tuple[i
     priors = Priors(kind=plan.priors_kind, mean=pr["mean"], logvar=pr.get("logvar"), factor=pr.get("factor"),
                     cholesky=pr.get("cholesky"), weights=pr.get("weights"))
     decoders = [
-        DecoderEntry(family=d["family"], version=d["version"], hparams=d["hparams"], classes=list(d["classes"]),
+        DecoderEntry(family=d.family, version=d.version, hparams=d.hparams, classes=list(d.classes),
                      weights=loaded[f"decoder.{i}"])
         for i, d in enumerate(plan.decoders)
     ]

@@ -24,6 +24,8 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I64": torch.int64,
 }
+#: Bytes per element of each on-disk dtype (spec section 5): the one table every size count uses.
+DTYPE_BYTES: dict[str, int] = {name: dt.itemsize for name, dt in STORAGE_DTYPES.items()}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 QUANT_DTYPES = ("I8", "U8")
 INDEX_DTYPES = ("U8", "I16", "I32", "I64")
