@@ -1,5 +1,5 @@
-"""What `d3codec._malloc.keep_freed_memory` (called by the CLI) buys: training steps of the 64 px
-small decoder and of the ConvNet-D4 evaluator, each in a fresh process with glibc's default malloc
+"""What `d3codec._malloc.keep_freed_memory` (`D3CODEC_MALLOC_TUNING=1` in the CLI) buys: training
+steps of the 64 px small decoder and of the ConvNet-D4 evaluator, each in a fresh process with glibc's default malloc
 and with the tuning, in the same run. Prints wall, user and system seconds, minor page faults and
 peak RSS, and the ratio default / tuned.
 

@@ -1,4 +1,4 @@
-"""glibc malloc tuning (`d3codec._malloc`, on in the CLI): it changes speed, never bytes."""
+"""glibc malloc tuning (`d3codec._malloc`, opt-in in the CLI): it changes speed, never bytes."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,9 @@ import pytest
 from d3codec._malloc import ENV, keep_freed_memory
 
 
-def test_the_tuning_can_be_turned_off(monkeypatch) -> None:
+def test_the_tuning_is_off_unless_asked_for(monkeypatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    assert keep_freed_memory() is False
     monkeypatch.setenv(ENV, "0")
     assert keep_freed_memory() is False
 
