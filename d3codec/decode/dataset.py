@@ -42,7 +42,6 @@ How the stream is defined (so it is deterministic, shardable and indexable):
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 import os
@@ -52,6 +51,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from d3codec._seed import derive_seed
 from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer, check_device
 from d3codec.decode.sampling import PriorTensors
 from d3codec.errors import ConfigError
@@ -62,12 +62,6 @@ MODES = ("mixed", "random", "mean")
 BLOCK = 4096
 #: Most DataLoader workers per loader that the epoch counters (`EpochClock`) serve.
 MAX_WORKERS = 64
-
-
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from parts (seed, epoch, purpose, index): independent, reproducible streams."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -374,7 +368,7 @@ class D3Dataset(IterableDataset):
 
     def _permutation(self, epoch: int, size: int) -> torch.Tensor:
         if self._perm is None or self._perm[:2] != (epoch, size):
-            g = torch.Generator().manual_seed(_seed(self.seed, epoch, "perm"))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "perm"))
             self._perm = (epoch, size, torch.randperm(size, generator=g, dtype=_index_dtype(size)).to(self.device))
         return self._perm[2]
 
@@ -389,7 +383,7 @@ class D3Dataset(IterableDataset):
             if rr not in self._round_perms:
                 if len(self._round_perms) >= 4:
                     self._round_perms.pop(next(iter(self._round_perms)))
-                g = torch.Generator().manual_seed(_seed(self.seed, rr, "round"))
+                g = torch.Generator().manual_seed(derive_seed(self.seed, rr, "round"))
                 self._round_perms[rr] = torch.randperm(self.round, generator=g,
                                                        dtype=_index_dtype(self.round)).to(self.device)
             mask = r == rr
@@ -401,7 +395,7 @@ class D3Dataset(IterableDataset):
         if key not in self._blocks:
             if len(self._blocks) >= 4:
                 self._blocks.pop(next(iter(self._blocks)))
-            g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, "draws", b))
+            g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, epoch, "draws", b))
             eps = torch.randn(BLOCK, self.priors.noise_dim, generator=g, device=self.device)
             u = torch.rand(BLOCK, 3, generator=g, device=self.device)
             self._blocks[key] = (eps, u)
@@ -461,7 +455,7 @@ class D3Dataset(IterableDataset):
         epoch = self.epoch if epoch is None else epoch
         images, labels = self.decode(self.latents(start, stop, epoch))
         if self.augment is not None:
-            gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, "augment", start))
+            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, epoch, "augment", start))
             images = self.augment(images, gen)
         return images, labels
 

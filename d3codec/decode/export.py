@@ -21,18 +21,18 @@ file's normalisation: `(p - mean) / std` is what `D3Dataset` trains on); `imagef
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 
+from d3codec._seed import derive_seed
 from d3codec._version import __version__
 from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer, check_device
 from d3codec.decode.sampling import PriorTensors
@@ -58,11 +58,6 @@ class ExportResult:
     labels: str  # "soft" or "hard"
     device: str
     seed: int
-
-
-def _seed(*parts: Any) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def class_folders(names: list[str]) -> list[str]:
@@ -115,7 +110,7 @@ class _Draws:
             if (c, b) not in self._cache:
                 if len(self._cache) >= 4:
                     self._cache.pop(next(iter(self._cache)))
-                g = torch.Generator().manual_seed(_seed(self.seed, "export", c, b))
+                g = torch.Generator().manual_seed(derive_seed(self.seed, "export", c, b))
                 self._cache[(c, b)] = (torch.rand(DRAW_BLOCK, generator=g),
                                        torch.randn(DRAW_BLOCK, self.pt.noise_dim, generator=g))
             u, e = self._cache[(c, b)]

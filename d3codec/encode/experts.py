@@ -33,7 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from d3codec.encode.classifier import default_augment, derive_seed, evaluate_accuracy, train_classifier
+from d3codec._seed import derive_seed
+from d3codec.encode.classifier import default_augment, evaluate_accuracy, train_classifier
 from d3codec.errors import ConfigError
 from d3codec.models.convnet import (ConvNet, flatten_params, init_params, load_flat, param_names,
                                     param_shapes, unflatten_params)
