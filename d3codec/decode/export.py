@@ -31,6 +31,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from d3codec._seed import derive_seed
 from d3codec._version import __version__
@@ -179,8 +180,6 @@ def export(d3: D3File, out_dir: str, per_class: int, fmt: str = "imagefolder", *
     `overwrite` replaces a folder an earlier export wrote (it holds export.json); any other
     non-empty folder is refused. `source` is the input's path (recorded, and never deleted).
     """
-    from PIL import Image
-
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
