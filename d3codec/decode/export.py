@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional, Union
 
@@ -38,6 +36,7 @@ from d3codec._version import __version__
 from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer, check_device
 from d3codec.decode.sampling import PriorTensors
 from d3codec.errors import ConfigError
+from d3codec.format.atomic import atomic_folder
 from d3codec.format.types import D3File
 
 FORMATS = ("imagefolder", "pt")
@@ -199,8 +198,7 @@ def export(d3: D3File, out_dir: str, per_class: int, fmt: str = "imagefolder", *
     folders = class_folders(list(meta.class_names)) if fmt == "imagefolder" else []
     width = len(str(per_class - 1))
     path = os.path.abspath(out_dir)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-    try:
+    with atomic_folder(path, replace=True) as stage:  # check_destination allowed replacing it
         images = torch.empty(total, c, h, w, dtype=torch.float32) if fmt == "pt" else None
         labels = torch.empty((total, n) if soft else (total,), dtype=torch.float32 if soft else torch.int64)
         targets = torch.empty(total, dtype=torch.int64)
@@ -236,26 +234,5 @@ def export(d3: D3File, out_dir: str, per_class: int, fmt: str = "imagefolder", *
                     "order": "class-major; per class the mean images of components 0.. first, then seeded draws"}
         with open(os.path.join(stage, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
-        _move_into_place(stage, path)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return result
 
-
-def _move_into_place(stage: str, path: str) -> None:
-    """Rename the staged folder to `path` (replacing an empty folder, or an earlier export)."""
-    if os.path.isdir(path) and not os.listdir(path):
-        os.rmdir(path)
-    if not os.path.exists(path):
-        os.rename(stage, path)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
-    os.rmdir(old)
-    os.rename(path, old)
-    try:
-        os.rename(stage, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

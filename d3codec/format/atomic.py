@@ -1,7 +1,7 @@
 """Atomic writes: a file (or folder) appears whole at its path, or not at all, and the old one stays.
 
 Everything d3codec writes goes through here: `.d3` files, checkpoints, expert trajectories, sample
-pictures, federated markers, the dataset cache. The new content is written under a temporary name
+pictures, federated markers, the dataset cache and exported folders. The new content is written under a temporary name
 in the target's folder (so the rename never crosses file systems), flushed and fsynced, then
 renamed onto the target with `os.replace`; on any failure, an interrupt included, the temporary
 file is removed and the target is left as it was.
@@ -97,13 +97,18 @@ def write_atomic(path: PathLike, data: Union[bytes, bytearray, memoryview, Itera
 
 
 @contextmanager
-def atomic_folder(path: PathLike, *, stage: Optional[str] = None, done_file: Optional[str] = None) -> Iterator[str]:
+def atomic_folder(path: PathLike, *, stage: Optional[str] = None, done_file: Optional[str] = None,
+                  replace: bool = False) -> Iterator[str]:
     """Yield a staging folder beside `path`; when the block ends normally, every file in it is
     fsynced and the folder is renamed to `path` (which must be absent or an empty folder). On any
-    exception the staging folder is removed. `stage` names the staging folder (created fresh, a
-    leftover of that name removed first; default: a unique hidden name). With `done_file`, a
-    `path` that already holds that file when the rename fails (a concurrent writer finished
-    first) is kept and the staged copy dropped."""
+    exception the staging folder is removed and `path` is as it was.
+
+    `stage` names the staging folder (created fresh, a leftover of that name removed first;
+    default: a unique hidden name). With `done_file`, a `path` that already holds that file when
+    the rename fails (a concurrent writer finished first) is kept and the staged copy dropped.
+    With `replace`, a non-empty folder at `path` is replaced: moved aside, the stage renamed in,
+    then removed (moved back if the rename fails); the caller decides it may go.
+    """
     path = os.fspath(path)
     try:
         if stage is None:
@@ -118,6 +123,9 @@ def atomic_folder(path: PathLike, *, stage: Optional[str] = None, done_file: Opt
         for root, _, files in os.walk(stage):
             for name in files:
                 _fsync(os.path.join(root, name))
+        if replace and os.path.isdir(path) and os.listdir(path):
+            _swap_in(stage, path)
+            return
         try:
             os.rename(stage, path)
         except OSError:
@@ -125,3 +133,17 @@ def atomic_folder(path: PathLike, *, stage: Optional[str] = None, done_file: Opt
                 raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap_in(stage: str, path: str) -> None:
+    """Rename `stage` onto the non-empty folder `path`: the old folder is moved aside first and
+    removed once the new one is in place (and moved back if that rename fails)."""
+    old = tempfile.mkdtemp(dir=_folder(path), prefix=f".{os.path.basename(path)}.old-")
+    os.rmdir(old)
+    os.rename(path, old)
+    try:
+        os.rename(stage, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

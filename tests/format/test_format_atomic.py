@@ -117,3 +117,24 @@ def test_a_concurrent_writers_complete_folder_is_kept_only_with_its_done_file(tm
         with atomic_folder(final, done_file="meta.json") as stage:
             open(os.path.join(stage, "meta.json"), "w").close()
     assert _listing(tmp_path) == ["entry"] and _listing(final) == ["other"]
+
+
+def test_replace_swaps_a_full_folder_and_puts_it_back_when_the_rename_fails(tmp_path, monkeypatch) -> None:
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "old").write_text("earlier")
+    with atomic_folder(final, replace=True) as stage:
+        open(os.path.join(stage, "new"), "w").close()
+    assert _listing(final) == ["new"] and _listing(tmp_path) == ["export"]
+    real_rename = os.rename
+
+    def refuse_the_stage(src, dst):
+        if os.path.basename(src).startswith(".export.tmp-"):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", refuse_the_stage)
+    with pytest.raises(OSError, match="No space"):
+        with atomic_folder(final, replace=True) as stage:
+            open(os.path.join(stage, "newer"), "w").close()
+    assert _listing(final) == ["new"] and _listing(tmp_path) == ["export"]
