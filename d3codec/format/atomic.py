@@ -1,10 +1,10 @@
 """Atomic writes: a file (or folder) appears whole at its path, or not at all, and the old one stays.
 
-Everything d3codec writes goes through here: `.d3` files, checkpoints, expert trajectories, sample
-pictures, federated markers, the dataset cache and exported folders. The new content is written under a temporary name
-in the target's folder (so the rename never crosses file systems), flushed and fsynced, then
-renamed onto the target with `os.replace`; on any failure, an interrupt included, the temporary
-file is removed and the target is left as it was.
+`.d3` files, checkpoints, expert files, sample pictures, federated markers, the dataset cache and
+exported folders are written here. The new content goes under a temporary name in the target's
+folder (so the rename never crosses file systems), is flushed and fsynced, then renamed onto the
+target with `os.replace`; on any failure, an interrupt included, the temporary file is removed
+and the target is left as it was.
 
     with atomic_file(path) as f:        # a binary file object
         f.write(data)
