@@ -2,7 +2,7 @@
 positions each rank's batches hold (in the manner of FFCV's `TraversalOrder`).
 
 `Stream(priors, device, seed=..., mode=..., batch_size=...)` is the deterministic part of `D3Dataset`
-(the rules are in `d3codec.decode.dataset`'s docstring); it knows nothing of DataLoaders, epochs
+(the rules are in `d3codec.decode.dataset`'s docstring); it knows nothing of DataLoaders, epoch
 counters or decoders:
 
     stream.batches(rank, world)        # [(start, stop), ...] global positions of the rank's batches
