@@ -6,7 +6,7 @@ Layout of `<cache_dir>/datasets/<source key>-<fingerprint>/`:
 skipped files). The fingerprint hashes the source identity (file contents, or a folder's listing
 with sizes and mtimes) and the decoding settings, so a changed source gets a new entry; the
 stale entry of the same source is removed. Entries are built in a temporary folder and renamed
-into place, so a cache entry is either complete or absent.
+into place (`d3codec.format.atomic.atomic_folder`), so a cache entry is either complete or absent.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from d3codec.data import _decode
 from d3codec.data.sources import ArrayItems, FileItems, Items, Source
 from d3codec.data.tar import ImageRef
 from d3codec.errors import DatasetError
+from d3codec.format.atomic import atomic_folder
 from d3codec.models.registry import image_size_range
 from d3codec.progress import Progress
 
@@ -103,18 +104,9 @@ def open_or_build(source: Source, spec: str, *, data_dir: Optional[str], resolut
     except OSError as exc:
         raise DatasetError(f"cannot create cache folder {root}: {exc.strerror}; set $D3CODEC_CACHE or --cache-dir") from None
     _remove_stale_builds(root)
-    tmp = os.path.join(root, f".{key}-{fp}{_TMP_MARK}{_host()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    stage = os.path.join(root, f".{key}-{fp}{_TMP_MARK}{_host()}-{os.getpid()}")
+    with atomic_folder(final, stage=stage, done_file="meta.json") as tmp:  # or a concurrent builder's entry
         meta = _build(source, tmp, fp, resolution, progress, workers, skip_bad_images)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isfile(meta_path):  # not a concurrent builder winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for entry in os.listdir(root):  # drop entries of the same source with other contents
         if entry.startswith(f"{key}-") and entry != f"{key}-{fp}":
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)

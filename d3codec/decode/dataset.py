@@ -4,7 +4,8 @@
     for images, labels in ds:   # images [B, C, H, W] float32 on the device, in the file's normalisation
         ...                     # labels [B, num_classes] probabilities (soft files) or [B] int64
 
-How the stream is defined (so it is deterministic, shardable and indexable):
+How the stream is defined (so it is deterministic, shardable and indexable; the order itself is
+`d3codec.decode.stream.Stream`, this module adds epochs, ranks, workers and decoding):
 
 - An epoch is `epoch_size` positions (default: the fewest whole rounds, see below, that fill one
   batch on every rank: one round, the paper's epoch, whenever a round is at least that big; the
@@ -37,43 +38,30 @@ How the stream is defined (so it is deterministic, shardable and indexable):
 - Memory: the priors stay in their stored dtype (only the rows a batch draws are dequantised,
   `PriorTensors`), plus the epoch's permutation (4 bytes per slot) and the batch in flight.
 - `len(ds)` is the number of batches this rank yields per epoch, and `ds[i]` is the i-th of them
-  in the next iteration, augmentation included. `ds.sample(i)` is position i of the next epoch
-  over all ranks (not sharded, not augmented): `(image, label)`.
+  in the next iteration, augmentation included (so `ds[i]` takes exactly `i in range(len(ds))`,
+  or -len(ds) .. -1; an endless stream has no length and takes any i >= 0). `ds.sample(i)` is
+  position i of the next epoch over all ranks (not sharded, not augmented): `(image, label)`.
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import operator
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer, check_device
+from d3codec.augment import DSA
+from d3codec.decode.decoders import DecodeOptions, LabelTable, OutputSpace, check_device
 from d3codec.decode.sampling import PriorTensors
+from d3codec.decode.stream import MODES, Draw, Stream
 from d3codec.errors import ConfigError
+from d3codec.format.io import load
 from d3codec.format.types import D3File
 
-MODES = ("mixed", "random", "mean")
-#: Positions per random-draw block (one generator seed each).
-BLOCK = 4096
 #: Most DataLoader workers per loader that the epoch counters (`EpochClock`) serve.
 MAX_WORKERS = 64
-
-
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from parts (seed, epoch, purpose, index): independent, reproducible streams."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _index_dtype(n: int) -> torch.dtype:
-    """int32 for permutations of up to 2^31 slots (half the memory; `randperm` draws the same
-    permutation in either dtype), else int64."""
-    return torch.int32 if n < 2 ** 31 else torch.int64
+_SPEED_DEFAULTS = DecodeOptions()
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -81,16 +69,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-@dataclass
-class Draw:
-    """What positions [start, stop) of an epoch draw: class, component, random-or-mean, latent."""
-
-    classes: torch.Tensor  # [B] int64
-    comps: torch.Tensor  # [B] int64
-    random: torch.Tensor  # [B] bool (False: the component's mean)
-    z: torch.Tensor  # [B, D] float32
 
 
 class EpochClock:
@@ -206,10 +184,12 @@ class D3Dataset(IterableDataset):
         augment: True for DSA (`d3codec.augment.DSA()`), or any `aug(x, generator) -> x`.
         denormalize: images in [0, 1] instead of the file's `(p - mean) / std`.
         labels: "file" (soft probabilities if the file has them) or "hard" (int64 class ids).
-        precision: "fp32", "bf16" or "fp16" (autocast when decoding; bf16 changes pixels by about
-            1e-2, fp16 by about 1e-3).
-        channels_last, compile, fold_bn, stem_matmul: speed options of `Renderer` (channels-last and
-            BatchNorm folding on by default, the stem as matmuls on CPU; compile off).
+        options: `DecodeOptions(precision, channels_last, compile, fold_bn, stem_matmul)`, how the
+            decoders run (speed, not which images; channels-last and BatchNorm folding on by
+            default, the stem as matmuls on CPU, compile off, "fp32"; "bf16" autocast changes
+            pixels by about 1e-2, "fp16" by about 1e-3).
+        precision, channels_last, compile, fold_bn, stem_matmul: the same options as keywords
+            (build `options`; give them one way or the other, not both).
         rank, world_size: override what `torch.distributed` says.
 
     Attributes:
@@ -221,6 +201,9 @@ class D3Dataset(IterableDataset):
         source: the path the file was loaded from (None when a `D3File` was passed).
         num_classes: N, the classes of the file (and the width of soft labels).
         batch_size, seed, mode: as passed; device: the resolved `torch.device` ("auto" made concrete).
+        options: the `DecodeOptions` in use.
+        stream: the deterministic sample order (`d3codec.decode.stream.Stream`): what each
+            position of each epoch draws and which positions each rank's batches hold.
         epoch: the epoch the next iteration starts at: 0 at first, then one past the last epoch
             an iteration (here or in a DataLoader worker) began; `set_epoch(e)` (or assigning it)
             pins it. `latents`, `batch`, `ds[i]` and `sample` default to it.
@@ -235,15 +218,21 @@ class D3Dataset(IterableDataset):
                  class_weights: Optional[Sequence[float]] = None, epoch_size: Optional[int] = None,
                  augment: Union[bool, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = False,
                  denormalize: bool = False, *, labels: str = "file", endless: bool = False,
-                 drop_last: bool = False, precision: str = "fp32", channels_last: Optional[bool] = None,
-                 compile: bool = False, fold_bn: bool = True, stem_matmul: Optional[bool] = None,
-                 rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+                 drop_last: bool = False, options: Optional[DecodeOptions] = None, precision: str = "fp32",
+                 channels_last: Optional[bool] = None, compile: bool = False, fold_bn: bool = True,
+                 stem_matmul: Optional[bool] = None, rank: Optional[int] = None,
+                 world_size: Optional[int] = None) -> None:
         super().__init__()
+        speed = DecodeOptions(precision=precision, channels_last=channels_last, compile=compile, fold_bn=fold_bn,
+                              stem_matmul=stem_matmul)
+        if options is not None and speed != _SPEED_DEFAULTS:
+            raise ConfigError("pass the speed options (precision, channels_last, compile, fold_bn, stem_matmul) "
+                              "either in options=DecodeOptions(...) or as keywords, not both")
+        if options is not None and not isinstance(options, DecodeOptions):
+            raise ConfigError(f"options must be a DecodeOptions, not {type(options).__name__}")
         if isinstance(source, D3File):
             d3, self.source = source, None
         else:
-            from d3codec.format.io import load
-
             d3, self.source = load(source), os.fspath(source)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -261,6 +250,7 @@ class D3Dataset(IterableDataset):
         self.d3, self.device = d3, check_device(device)
         self.batch_size, self.seed, self.mode = batch_size, int(seed), mode
         self.endless, self.drop_last, self.denormalize = endless, drop_last, denormalize
+        self.options = options if options is not None else speed
         self._clock = EpochClock()
         self._rank, self._world = rank, world_size
         self.priors = PriorTensors.from_priors(d3.priors, self.device)
@@ -269,33 +259,24 @@ class D3Dataset(IterableDataset):
             raise ConfigError(f"the priors hold {n} classes but the metadata {d3.metadata.num_classes}; "
                               "the file is inconsistent: re-encode it")
         self.num_classes, self.latents_per_class = n, k
-        self.round = n * k * (2 if mode == "mixed" else 1)
-        self._epoch_size = epoch_size  # None: resolved from the world size when used
-        self.class_cdf = self._class_cdf(class_weights, n)
-        self.renderer = Renderer(d3, self.device, precision=precision, channels_last=channels_last, compile=compile,
-                                 fold_bn=fold_bn, stem_matmul=stem_matmul)
+        self.stream = Stream(self.priors, self.device, seed=self.seed, mode=mode, batch_size=batch_size,
+                             epoch_size=epoch_size, class_weights=class_weights, drop_last=drop_last)
+        self.renderer = self.options.renderer(d3, self.device)
         self.output = OutputSpace(d3.metadata, denormalize=denormalize, device=self.device)
         self.labels = LabelTable(d3.labels, n, self.device, hard=labels == "hard")
-        if augment is True:
-            from d3codec.augment import DSA
+        self.augment: Optional[Callable[..., torch.Tensor]] = DSA() if augment is True else (augment or None)
 
-            self.augment: Optional[Callable[..., torch.Tensor]] = DSA()
-        else:
-            self.augment = augment or None
-        self._perm: Optional[tuple[int, int, torch.Tensor]] = None
-        self._round_perms: dict[int, torch.Tensor] = {}
-        self._blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    @property
+    def round(self) -> int:
+        """Slots per round: every component once (twice in mixed mode: its mean and one draw)."""
+        return self.stream.round
 
-    @staticmethod
-    def _class_cdf(weights: Optional[Sequence[float]], n: int) -> Optional[torch.Tensor]:
-        if weights is None:
-            return None
-        w = torch.as_tensor(list(weights) if not isinstance(weights, torch.Tensor) else weights, dtype=torch.float64)
-        if w.shape != (n,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ConfigError(f"class_weights must be {n} finite non-negative numbers with a positive sum; fix them")
-        return torch.cumsum(w / w.sum(), 0).float()
+    @property
+    def class_cdf(self) -> Optional[torch.Tensor]:
+        """The cumulative class distribution of `class_weights` (None: balanced rounds)."""
+        return self.stream.class_cdf
 
-    # ---- the stream ----
+    # ---- ranks, sizes, epochs ----
 
     def _rank_world(self) -> tuple[int, int]:
         """(rank, world size): the overrides, else `torch.distributed`'s now (not at construction)."""
@@ -326,30 +307,23 @@ class D3Dataset(IterableDataset):
         """Ranks sharing the stream: `world_size` if given, else `torch.distributed`'s (1 without one)."""
         return self._world if self._world is not None else _dist_rank_world()[1]
 
-    def _sizes(self, world: int) -> tuple[int, int]:
-        """(epoch size, shard size) with `world` ranks: `epoch_size` if given, else the fewest whole
-        rounds that fill one batch on each rank; each rank draws ceil(epoch size / world)."""
-        size = self._epoch_size if self._epoch_size is not None else \
-            self.round * math.ceil(self.batch_size * world / self.round)
-        return size, math.ceil(size / world)
-
     @property
     def epoch_size(self) -> int:
         """Positions per epoch over all ranks: `epoch_size` if given, else the fewest whole rounds
         that fill one batch on each of the `world_size` ranks (so it follows the world size)."""
-        return self._sizes(self.world_size)[0]
+        return self.stream.sizes(self.world_size)[0]
 
     @property
     def shard_size(self) -> int:
         """Samples this rank draws per epoch (ceil(epoch_size / world_size))."""
-        return self._sizes(self.world_size)[1]
+        return self.stream.sizes(self.world_size)[1]
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch (not defined for endless streams)."""
+        """Batches this rank yields per epoch: the indices `ds[i]` takes are `range(len(ds))`
+        (and -len(ds) .. -1). An endless stream has no length."""
         if self.endless:
             raise TypeError("an endless D3Dataset has no length; pass endless=False for epochs")
-        s = self.shard_size
-        return s // self.batch_size if self.drop_last else math.ceil(s / self.batch_size)
+        return self.stream.num_batches(self.world_size)
 
     @property
     def epoch(self) -> int:
@@ -372,84 +346,13 @@ class D3Dataset(IterableDataset):
             raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
         self._clock.pin(e)
 
-    def _permutation(self, epoch: int, size: int) -> torch.Tensor:
-        if self._perm is None or self._perm[:2] != (epoch, size):
-            g = torch.Generator().manual_seed(_seed(self.seed, epoch, "perm"))
-            self._perm = (epoch, size, torch.randperm(size, generator=g, dtype=_index_dtype(size)).to(self.device))
-        return self._perm[2]
-
-    def _round_slots(self, epoch: int, size: int, pos: torch.Tensor) -> torch.Tensor:
-        """Slots of epoch positions when `epoch_size` is not a whole number of rounds: epochs walk
-        one endless sequence of rounds (position q = epoch * epoch_size + i; round q // round, each
-        round its own permutation), so every slot comes once per round whatever the epoch size."""
-        q = epoch * size + pos % size
-        r, idx = q // self.round, q % self.round
-        slot = torch.empty_like(idx)
-        for rr in torch.unique(r).tolist():
-            if rr not in self._round_perms:
-                if len(self._round_perms) >= 4:
-                    self._round_perms.pop(next(iter(self._round_perms)))
-                g = torch.Generator().manual_seed(_seed(self.seed, rr, "round"))
-                self._round_perms[rr] = torch.randperm(self.round, generator=g,
-                                                       dtype=_index_dtype(self.round)).to(self.device)
-            mask = r == rr
-            slot[mask] = self._round_perms[rr][idx[mask]].long()
-        return slot
-
-    def _block(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (epoch, b)
-        if key not in self._blocks:
-            if len(self._blocks) >= 4:
-                self._blocks.pop(next(iter(self._blocks)))
-            g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, "draws", b))
-            eps = torch.randn(BLOCK, self.priors.noise_dim, generator=g, device=self.device)
-            u = torch.rand(BLOCK, 3, generator=g, device=self.device)
-            self._blocks[key] = (eps, u)
-        return self._blocks[key]
-
-    def _noise(self, epoch: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first, last = start // BLOCK, (stop - 1) // BLOCK
-        parts = [self._block(epoch, b) for b in range(first, last + 1)]
-        eps = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        u = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        off = start - first * BLOCK
-        return eps[off:off + stop - start], u[off:off + stop - start]
+    # ---- batches ----
 
     def latents(self, start: int, stop: int, epoch: Optional[int] = None) -> Draw:
         """Classes, components and latents of global positions [start, stop) of `epoch` (default
         `self.epoch`, the next iteration's); positions past `epoch_size` wrap around (padding)."""
         epoch = self.epoch if epoch is None else epoch
-        if not 0 <= start < stop:
-            raise ConfigError(f"positions must satisfy 0 <= start < stop, got [{start}, {stop})")
-        pos = torch.arange(start, stop, device=self.device)
-        eps, u = self._noise(epoch, start, stop)
-        n, k = self.num_classes, self.latents_per_class
-        pt = self.priors
-        if self.class_cdf is None:
-            size = self.epoch_size
-            if size % self.round == 0:
-                slot = self._permutation(epoch, size)[pos % size].long() % self.round
-            else:
-                slot = self._round_slots(epoch, size, pos)
-            if self.mode == "mixed":
-                random = slot >= n * k
-                slot = torch.where(random, slot - n * k, slot)
-            else:
-                random = torch.full_like(slot, self.mode == "random", dtype=torch.bool)
-            classes, comps = slot // k, slot % k
-            if pt.cdf is not None:
-                comps = torch.where(random, pt.pick_components(classes, u[:, 2]), comps)
-        else:
-            cdf = self.class_cdf.to(self.device)
-            classes = torch.clamp(torch.searchsorted(cdf, u[:, 0].contiguous(), right=True), max=n - 1)
-            if self.mode == "mixed":
-                random = u[:, 1] >= 0.5
-            else:
-                random = torch.full_like(classes, self.mode == "random", dtype=torch.bool)
-            uniform = torch.clamp((u[:, 2] * k).long(), max=k - 1)
-            comps = torch.where(random, pt.pick_components(classes, u[:, 2]), uniform)
-        z = pt.sample(classes, comps, eps if self.mode != "mean" else None, random)
-        return Draw(classes, comps, random, z)
+        return self.stream.draw(start, stop, epoch, self.world_size)
 
     def decode(self, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (in the output space) and labels of drawn latents."""
@@ -461,34 +364,31 @@ class D3Dataset(IterableDataset):
         epoch = self.epoch if epoch is None else epoch
         images, labels = self.decode(self.latents(start, stop, epoch))
         if self.augment is not None:
-            gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, "augment", start))
+            gen = torch.Generator(device=self.device).manual_seed(self.stream.augment_seed(epoch, start))
             images = self.augment(images, gen)
         return images, labels
 
-    def _bounds(self, shard: int) -> list[tuple[int, int]]:
-        """The batches [s, e) of a shard of `shard` positions (the last one short unless `drop_last`)."""
-        ends = [(s, min(s + self.batch_size, shard)) for s in range(0, shard, self.batch_size)]
-        return [(s, e) for s, e in ends if not (self.drop_last and e - s < self.batch_size)]
-
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rank, world = self._rank_world()
-        shard = self._sizes(world)[1]
-        begin = rank * shard
+    def _epoch_batches(self, epoch: int, bounds: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for j, (s, e) in enumerate(self._bounds(shard)):
+        for j, (start, stop) in enumerate(bounds):
             if j % workers == worker:
-                yield self.batch(begin + s, begin + e, epoch)
+                yield self.batch(start, stop, epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of the next epoch (see `epoch`), and of the ones after it if endless."""
         info = get_worker_info()
         claim = self._clock.begin(*((info.id, info.num_workers) if info is not None else ()))
-        return self._stream(*claim)
+        return self._epochs(*claim)
 
-    def _stream(self, epoch: int, base: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epochs(self, epoch: int, base: int, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bounds = self.stream.batches(*self._rank_world())
+        if self.endless and not bounds:
+            raise ConfigError(f"this endless D3Dataset yields no batches: each rank's {self.shard_size} samples "
+                              f"per epoch are fewer than batch_size={self.batch_size} with drop_last; raise "
+                              "epoch_size or lower batch_size")
         while True:
-            yield from self._epoch_batches(epoch)
+            yield from self._epoch_batches(epoch, bounds)
             if not self.endless:
                 return
             epoch += 1
@@ -502,9 +402,7 @@ class D3Dataset(IterableDataset):
         on into the following epochs for an endless stream. Reading does not advance the epoch."""
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"D3Dataset indices are integers, not {type(index).__name__}")
-        rank, world = self._rank_world()
-        shard = self._sizes(world)[1]
-        bounds = self._bounds(shard)
+        bounds = self.stream.batches(*self._rank_world())
         n = len(bounds)
         if self.endless:
             if index < 0 or n == 0:
@@ -514,8 +412,7 @@ class D3Dataset(IterableDataset):
             epoch, j = self.epoch, index + n if index < 0 else index
             if not 0 <= j < n:
                 raise IndexError(f"batch {index} is out of range: this rank yields {n} batches per epoch")
-        s, e = bounds[j]
-        return self.batch(rank * shard + s, rank * shard + e, epoch)
+        return self.batch(*bounds[j], epoch)
 
     @property
     def num_samples(self) -> int:

@@ -2,7 +2,8 @@
 
 - `build_decoders(d3, device)`: one eval-mode module per decoder entry, weights loaded and checked.
 - `Renderer(d3, device, ...)`: latents + classes -> images, each class through its own decoder
-  (federated files), under `inference_mode`, optional channels-last, autocast and compile.
+  (federated files), under `inference_mode`, optional channels-last, autocast and compile
+  (`DecodeOptions` groups those speed options).
 - `OutputSpace`: decoder values -> pixels [0, 1] -> `(p - mean) / std`, per `Metadata`.
 - `LabelTable`: per-component labels as [B, num_classes] probabilities (dense or rebuilt top-k)
   or int64 class ids.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 
 from d3codec._version import __version__
 from d3codec.decode.fastpath import fast_decoder
+from d3codec.decode.sampling import PriorTensors
 from d3codec.errors import ConfigError
 from d3codec.format.errors import InvalidFieldError
 from d3codec.format.types import D3File, Labels, Metadata
@@ -216,6 +219,35 @@ class LabelTable:
         return out / out.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How decoding runs (`Renderer`, `D3Dataset(..., options=...)`): speed only, the images stay
+    the same within float rounding (autocast aside, see `precision`).
+
+    precision: "fp32", "bf16" or "fp16" (autocast when decoding; bf16 changes pixels by about
+        1e-2, fp16 by about 1e-3).
+    channels_last: channels-last memory (None: on).
+    compile: wrap each decoder in `torch.compile` (pays on GPUs, not on CPUs).
+    fold_bn: fold eval BatchNorm into the transposed convs.
+    stem_matmul: each decoder's stem as block-structured matmuls (None: on for the CPU only).
+    """
+
+    precision: str = "fp32"
+    channels_last: Optional[bool] = None
+    compile: bool = False
+    fold_bn: bool = True
+    stem_matmul: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+
+    def renderer(self, d3: D3File, device: Union[str, torch.device]) -> "Renderer":
+        """The `Renderer` of `d3`'s decoders on `device` with these options."""
+        return Renderer(d3, device, precision=self.precision, channels_last=self.channels_last,
+                        compile=self.compile, fold_bn=self.fold_bn, stem_matmul=self.stem_matmul)
+
+
 class Renderer:
     """Latents of given classes -> decoder values [B, C, H, W] (float32), each class through its own
     decoder. Eval mode and `inference_mode` always: a sample never depends on its batch-mates.
@@ -314,8 +346,6 @@ def mean_image_batches(d3: D3File, device: Union[str, torch.device] = "cpu", *, 
                        batch_size: int = 1024) -> Iterator[torch.Tensor]:
     """The mean images of `mean_images`, `batch_size` at a time in component order (class-major):
     memory bounded by one batch whatever the component count."""
-    from d3codec.decode.sampling import PriorTensors
-
     if space not in ("pixels", "normalized", "values"):
         raise ConfigError(f"space must be pixels, normalized or values, not {space!r}")
     pt = PriorTensors.from_priors(d3.priors, device)

@@ -21,22 +21,22 @@ file's normalisation: `(p - mean) / std` is what `D3Dataset` trains on); `imagef
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
+from d3codec._seed import derive_seed
 from d3codec._version import __version__
 from d3codec.decode.decoders import LabelTable, OutputSpace, Renderer, check_device
 from d3codec.decode.sampling import PriorTensors
 from d3codec.errors import ConfigError
+from d3codec.format.atomic import atomic_folder
 from d3codec.format.types import D3File
 
 FORMATS = ("imagefolder", "pt")
@@ -58,11 +58,6 @@ class ExportResult:
     labels: str  # "soft" or "hard"
     device: str
     seed: int
-
-
-def _seed(*parts: Any) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def class_folders(names: list[str]) -> list[str]:
@@ -115,7 +110,7 @@ class _Draws:
             if (c, b) not in self._cache:
                 if len(self._cache) >= 4:
                     self._cache.pop(next(iter(self._cache)))
-                g = torch.Generator().manual_seed(_seed(self.seed, "export", c, b))
+                g = torch.Generator().manual_seed(derive_seed(self.seed, "export", c, b))
                 self._cache[(c, b)] = (torch.rand(DRAW_BLOCK, generator=g),
                                        torch.randn(DRAW_BLOCK, self.pt.noise_dim, generator=g))
             u, e = self._cache[(c, b)]
@@ -184,8 +179,6 @@ def export(d3: D3File, out_dir: str, per_class: int, fmt: str = "imagefolder", *
     `overwrite` replaces a folder an earlier export wrote (it holds export.json); any other
     non-empty folder is refused. `source` is the input's path (recorded, and never deleted).
     """
-    from PIL import Image
-
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
@@ -205,8 +198,7 @@ def export(d3: D3File, out_dir: str, per_class: int, fmt: str = "imagefolder", *
     folders = class_folders(list(meta.class_names)) if fmt == "imagefolder" else []
     width = len(str(per_class - 1))
     path = os.path.abspath(out_dir)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-    try:
+    with atomic_folder(path, replace=True) as stage:  # check_destination allowed replacing it
         images = torch.empty(total, c, h, w, dtype=torch.float32) if fmt == "pt" else None
         labels = torch.empty((total, n) if soft else (total,), dtype=torch.float32 if soft else torch.int64)
         targets = torch.empty(total, dtype=torch.int64)
@@ -242,26 +234,5 @@ def export(d3: D3File, out_dir: str, per_class: int, fmt: str = "imagefolder", *
                     "order": "class-major; per class the mean images of components 0.. first, then seeded draws"}
         with open(os.path.join(stage, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
-        _move_into_place(stage, path)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return result
 
-
-def _move_into_place(stage: str, path: str) -> None:
-    """Rename the staged folder to `path` (replacing an empty folder, or an earlier export)."""
-    if os.path.isdir(path) and not os.listdir(path):
-        os.rmdir(path)
-    if not os.path.exists(path):
-        os.rename(stage, path)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
-    os.rmdir(old)
-    os.rename(path, old)
-    try:
-        os.rename(stage, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

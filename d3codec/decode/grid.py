@@ -4,6 +4,7 @@ People judge a distilled dataset by looking at it; `d3codec sample FILE -o grid.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -12,6 +13,7 @@ from PIL import Image
 from d3codec.decode.decoders import OutputSpace, Renderer, check_device
 from d3codec.decode.sampling import PriorTensors
 from d3codec.errors import ConfigError
+from d3codec.format.atomic import TempFileError, atomic_file
 from d3codec.format.types import D3File
 
 #: Rows drawn when no classes are given.
@@ -103,8 +105,6 @@ def sample_grid(d3: D3File, n: int = 8, classes: Optional[Sequence[int]] = None,
 
 def image_format(path: str) -> str:
     """The PIL format `save_image` writes for `path`, from its suffix; `ConfigError` for others."""
-    import os
-
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FORMATS:
         raise ConfigError(f"cannot tell which image format to write from {path!r}; end -o with "
@@ -113,11 +113,8 @@ def image_format(path: str) -> str:
 
 
 def save_image(image: Image.Image, path: str) -> None:
-    """Write `image` atomically (temp file in the same folder, then `os.replace`) in the format its
-    suffix names (`image_format`); an unwritable place raises `ConfigError`."""
-    import os
-    import tempfile
-
+    """Write `image` atomically (`d3codec.format.atomic`) in the format its suffix names
+    (`image_format`); an unwritable place raises `ConfigError`."""
     fmt = image_format(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -126,20 +123,13 @@ def save_image(image: Image.Image, path: str) -> None:
         raise ConfigError(f"cannot write {path}: it is a folder; give a file path such as "
                           f"{os.path.join(path, 'grid.png')}")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    except OSError as exc:
+        with atomic_file(path, suffix=os.path.splitext(path)[1]) as f:
+            image.save(f, format=fmt)
+    except TempFileError as exc:
         raise ConfigError(f"cannot write to folder {folder} ({exc.strerror or exc}); "
                           "choose a writable -o path") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise ConfigError(f"cannot write {path} ({exc.strerror or exc}); choose another -o path") from None
-        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path} ({exc.strerror or exc}); choose another -o path") from None
 
 
 def save_png(image: Image.Image, path: str) -> None:

@@ -2,15 +2,13 @@
 
 One file (`<output>.ckpt`) holds the trainable tensors, optimiser states, RNG states (as uint8
 tensors) and a JSON document (iteration, config, optimiser hyper-parameters). It is written
-atomically (temporary file in the same folder, then rename), so a crash mid-write leaves the
-previous checkpoint intact, and resuming from it continues to the identical final file.
+atomically (`d3codec.format.atomic`), so a crash mid-write leaves the previous checkpoint intact,
+and resuming from it continues to the identical final file.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from d3codec.errors import ConfigError
+from d3codec.format.atomic import atomic_path
 
 _META_KEY = "d3codec_checkpoint"
 
@@ -52,19 +51,9 @@ def optimizer_from_flat(prefix: str, tensors: Mapping[str, torch.Tensor], meta: 
 
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Write tensors and JSON-able `meta` to `path` atomically."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=target.name + ".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -7,7 +7,6 @@ augmentation) is drawn from the given generator, so a seed fixes the result on C
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d3codec._seed import derive_seed  # noqa: F401 - federated.py imports it from here
 from d3codec.progress import Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -33,12 +33,6 @@ class TrainResult:
     images_seen: int
     wall_time_s: float
     final_loss: float
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (seed, run, epoch, purpose): independent, reproducible streams."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def default_augment() -> Augment:

@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import sys
-import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -33,8 +32,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from d3codec.encode.classifier import default_augment, derive_seed, evaluate_accuracy, train_classifier
+from d3codec._seed import derive_seed
+from d3codec.encode.classifier import default_augment, evaluate_accuracy, train_classifier
 from d3codec.errors import ConfigError
+from d3codec.format.atomic import atomic_path, write_atomic
 from d3codec.models.convnet import (ConvNet, flatten_params, init_params, load_flat, param_names,
                                     param_shapes, unflatten_params)
 
@@ -72,15 +73,10 @@ def _generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
-def _tmp_name(path: str) -> str:
-    """A temporary name beside `path`, unique per process and thread (then renamed onto `path`)."""
-    return f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
-    tmp = _tmp_name(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    """`tensors` (and string `metadata`) as a safetensors file at `path`, written atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 class ExpertSet:
@@ -233,10 +229,7 @@ def train_experts(dataset: Any, indices: Iterable[int], config: ExpertConfig, *,
         info = {"version": EXPERTS_VERSION, "fingerprint": dataset.fingerprint, "dataset": dataset.name,
                 "classes": chosen, "class_names": list(train.class_names),
                 "image_shape": list(dataset.image_shape), "config": asdict(config)}
-        tmp = _tmp_name(config_path)
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(tmp, config_path)
+        write_atomic(config_path, json.dumps(info, indent=1).encode())
     trained = []
     for i in indices:
         if i < 0:

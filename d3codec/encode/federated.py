@@ -44,6 +44,7 @@ from d3codec.encode.merge import RECORD, DataSpec, merge_parts, placeholder_merg
 from d3codec.encode.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
                                     label_bytes, plan_budget, raw_parts)
 from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.atomic import write_atomic
 from d3codec.format.types import Budget, D3File
 
 Log = Callable[[str], None]
@@ -419,10 +420,7 @@ def _marker(workdir: str, index: int, expert: int) -> str:
 
 
 def _write_marker(path: str, record: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record).encode())
 
 
 def clear_expert_markers(workdir: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d3codec.encode.classifier import derive_seed
+from d3codec._seed import derive_seed
 from d3codec.errors import BudgetError, ConfigError
 
 CODECS = ("random", "png", "jpeg", "webp")

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from d3codec._seed import derive_seed
 from d3codec.data.dataset import normalize_uint8
-from d3codec.encode.classifier import (TrainResult, default_augment, derive_seed, evaluate_accuracy,
+from d3codec.encode.classifier import (TrainResult, default_augment, evaluate_accuracy,
                                       train_classifier)
 from d3codec.errors import ConfigError
 from d3codec.models.convnet import ConvNet, init_params

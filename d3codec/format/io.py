@@ -10,7 +10,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Union
@@ -20,6 +19,7 @@ import torch
 from d3codec.errors import BudgetError
 from d3codec.format import _safetensors, _zstd
 from d3codec.format._json import canonical_json
+from d3codec.format.atomic import TempFileError, write_atomic
 from d3codec.format.errors import (
     BadMagicError,
     ChecksumError,
@@ -200,29 +200,14 @@ def save(d3: D3File, path: PathLike, budget: BudgetArg = None, *, compression: s
     size = sum(len(p) for p in parts)
     _over_budget(d3, size, breakdown)
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise FileAccessError(f"cannot save: {target} is a folder; give a file path such as {target / 'out.d3'}")
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=target.name + ".tmp")
-    except OSError as exc:
+        write_atomic(target, parts)
+    except TempFileError as exc:
         raise FileAccessError(f"cannot save {target}: {exc.strerror or exc}; check that the folder exists and is writable") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise FileAccessError(f"cannot save {target}: {exc.strerror or exc}; check free space and permissions") from None
-        raise
+    except OSError as exc:
+        raise FileAccessError(f"cannot save {target}: {exc.strerror or exc}; check free space and permissions") from None
     return size
 
 

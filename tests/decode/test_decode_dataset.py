@@ -255,7 +255,8 @@ def test_mixture_weights_choose_components(make_d3) -> None:
 
 @pytest.mark.parametrize("kind", ["diag", "lowrank", "full"])
 def test_empirical_mean_and_covariance_match_the_stored_ones(make_d3, kind: str) -> None:
-    from d3codec.decode import PriorTensors, sample_latents
+    from d3codec.decode import sample_latents
+    from d3codec.decode.sampling import PriorTensors
 
     d3 = make_d3("small", kind=kind, dim=6)
     pt = PriorTensors.from_priors(d3.priors)
@@ -309,7 +310,7 @@ def test_soft_labels_are_the_components_labels(make_d3) -> None:
 
 
 def test_topk_labels_spread_the_remaining_mass_evenly() -> None:
-    from d3codec.decode import LabelTable
+    from d3codec.decode.decoders import LabelTable
     from d3codec.format.types import Labels, Stored
 
     idx = torch.tensor([[[2, 0]]])
@@ -401,3 +402,20 @@ def test_speed_options_do_not_change_the_images(make_d3) -> None:
     plain = _all(D3Dataset(d3, batch_size=8, fold_bn=False, channels_last=False))[0]
     fast = _all(D3Dataset(d3, batch_size=8))[0]  # BatchNorm folded, channels-last
     assert torch.allclose(plain, fast, atol=1e-5)
+
+
+def test_speed_options_as_one_object_or_as_keywords(make_d3) -> None:
+    from d3codec.decode import DecodeOptions
+
+    d3 = make_d3("small")
+    opts = DecodeOptions(fold_bn=False, channels_last=False, stem_matmul=False)
+    grouped = D3Dataset(d3, batch_size=8, seed=2, options=opts)
+    keywords = D3Dataset(d3, batch_size=8, seed=2, fold_bn=False, channels_last=False, stem_matmul=False)
+    assert grouped.options == keywords.options == opts and D3Dataset(d3).options == DecodeOptions()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(grouped, keywords))
+    with pytest.raises(ConfigError, match="not both"):
+        D3Dataset(d3, options=opts, fold_bn=False)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        DecodeOptions(precision="fp8")
+    with pytest.raises(AttributeError):
+        opts.precision = "bf16"  # frozen: one options object may serve many datasets

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from d3codec.cli import cli
-from d3codec.decode import LabelTable, mean_images
+from d3codec.decode import mean_images
+from d3codec.decode.decoders import LabelTable
 from d3codec.decode.export import class_folders, export
 from d3codec.errors import ConfigError
 from d3codec.format.io import save
