@@ -29,6 +29,7 @@ from d3codec.encode.federated.sharing import (expert_owner, experts_per_subtask,
                                               train_expert_shares)
 from d3codec.encode.federated.split import assigned_tasks, class_ranges
 from d3codec.encode.merge import RECORD, DataSpec, merge_parts, single_thread
+from d3codec.encode.paper import compare_with_paper
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File
 
@@ -181,6 +182,10 @@ def encode_federated(data: Optional[DataSpec], budget: Union[str, int, Budget], 
         fplan = plan_federated(dataset, budget, options, subtasks, split, data)
     if rank == 0:
         say(fplan.summary())
+        paper = compare_with_paper(fplan.budget, fplan.num_classes, tuple(dataset.image_shape), fplan.plans,
+                                   [len(g) for g in fplan.groups], fplan.labels, fplan.bound, fplan.guaranteed)
+        if paper:
+            say(paper)
     if options.dry_run:
         if rank == 0:
             from d3codec.encode.cost import estimate_cost, render_estimate
