@@ -17,8 +17,9 @@ Memory per GPU is derived from the bytes autograd saves per image (counted with 
     python benchmarks/imagenet_cost.py --data-dir DIR [--cache-dir C --budget 2ipc --subtasks 2 --gpus 8
                                         --images 1281167 --tflops 74]
 
-DIR: any 1,000-class 64x64 ImageFolder (`train/<wnid>/`); it only gives the planner the class
-count and shape (the image counts in the schedule are `--images`, spread evenly over the classes).
+DIR: a 1,000-class ImageFolder (`train/<wnid>/`) at the resolution to cost (64x64 for the paper's
+setting); it gives the planner the class count and shape, and the units their image size (the image
+counts in the schedule are `--images`, spread evenly over the classes). Its smallest class caps K.
 """
 from __future__ import annotations
 
@@ -55,15 +56,15 @@ def saved_bytes(fn: Callable[[], Any]) -> int:
     return total
 
 
-def expert_units(classes: int, batch: int = 4) -> tuple[float, float, float]:
+def expert_units(classes: int, shape: tuple[int, int, int], batch: int = 4) -> tuple[float, float, float]:
     """(FLOPs of one expert SGD step per image, FLOPs of one forward per image, bytes saved per image)."""
     from d3codec.encode.classifier import default_augment
     from d3codec.models.convnet import ConvNet
 
-    net = ConvNet(3, classes, (64, 64), width=128)
+    net = ConvNet(shape[0], classes, shape[1:], width=128)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     aug = default_augment()
-    x = torch.randn(batch, 3, 64, 64)
+    x = torch.randn(batch, *shape)
     y = torch.arange(batch) % classes
 
     def step() -> None:
@@ -82,16 +83,16 @@ def expert_units(classes: int, batch: int = 4) -> tuple[float, float, float]:
 class _Experts:
     """Stand-in experts (random ConvNet parameters): the FLOPs do not depend on the values."""
 
-    def __init__(self, classes: int, epochs: int) -> None:
+    def __init__(self, classes: int, shape: tuple[int, int, int], epochs: int) -> None:
         from d3codec.models.convnet import flatten_params, init_params
 
-        self.classes, self.num_experts, self.num_epochs = classes, 1, epochs
+        self.classes, self.shape, self.num_experts, self.num_epochs = classes, shape, 1, epochs
         self._flat = flatten_params(init_params(self.build_model(), torch.Generator().manual_seed(0))).detach()
 
     def build_model(self) -> Any:
         from d3codec.models.convnet import ConvNet
 
-        return ConvNet(3, self.classes, (64, 64), width=128)
+        return ConvNet(self.shape[0], self.classes, self.shape[1:], width=128)
 
     def flat_at(self, i: int, epoch: int) -> torch.Tensor:
         return self._flat
@@ -104,7 +105,7 @@ def distill_units(dataset: Any, plan: Any, cfg: Any) -> dict[str, float]:
 
     sub = dataset.subset([0, 1])
     meta = sub.metadata()
-    experts = _Experts(2, max(cfg.max_start_epoch + cfg.expert_epochs, 3))
+    experts = _Experts(2, tuple(sub.image_shape), max(cfg.max_start_epoch + cfg.expert_epochs, 3))
     base = replace(cfg, init="random", fit_steps=0, iterations=10, final_fraction=0.0)
 
     def step(**over: Any) -> int:
@@ -119,11 +120,12 @@ def distill_units(dataset: Any, plan: Any, cfg: Any) -> dict[str, float]:
     mmd_44 = step(objective="mmd", samples_per_class=4, real_per_class=4)
     mmd_84 = step(objective="mmd", samples_per_class=8, real_per_class=4)
     mmd_48 = step(objective="mmd", samples_per_class=4, real_per_class=8)
-    fit = Distiller(plan, meta, sub, experts, replace(cfg, init="real", fit_steps=4, fit_batch=4), device="cpu")
+    batch = min(4, 2 * plan.latents_per_class)  # a fit step decodes at most the N x K targets
+    fit = Distiller(plan, meta, sub, experts, replace(cfg, init="real", fit_steps=4, fit_batch=batch), device="cpu")
     fit.step()  # the first step draws the targets and starts the latents from a PCA
     return {"mtt_decoded": per_decoded, "mtt_image_step": per_image_step,
             "mmd_sample": (mmd_84 - mmd_44) / 8, "mmd_real": (mmd_48 - mmd_44) / 8,
-            "fit_target": flops(fit.step) / 4}
+            "fit_target": flops(fit.step) / batch}
 
 
 def main() -> None:
@@ -158,7 +160,7 @@ def main() -> None:
           f"{cfg.real_per_class} real per class ({cfg.mmd_chunk} classes a chunk); experts {n_exp} x {n_ep} epochs "
           f"per subtask; teacher {fplan.teacher}")
 
-    step_img, fwd_img, act_img = expert_units(1000)
+    step_img, fwd_img, act_img = expert_units(1000, tuple(ds.image_shape))
     plan0 = fplan.plans[0]
     units = distill_units(ds, plan0, cfg)
     print(f"units (GFLOP): expert step {step_img / 1e9:.3f}/image (forward {fwd_img / 1e9:.3f}); "

@@ -60,7 +60,7 @@ def test_single_task_dry_run_prints_plan_paper_and_estimate(imagenet_dir) -> Non
 def test_federated_dry_run_prints_plan_paper_and_estimate(imagenet_dir) -> None:
     out = _dry_run(imagenet_dir, "1ipc", "--subtasks", "5")
     assert "federated plan: 5 subtasks (contiguous split) of 1,000 classes" in out
-    assert "subtask 4: classes 800-999 (200 classes, 400 images)" in out
+    assert "subtask 4: classes 800-999 (200 classes, 200 images)" in out  # one of each class's 2 held out for test
     assert ("paper (D3, ImageNet-1K at 64x64, 1 IPC): 5 subtasks x 200 classes, K=1, D=64, decoder small (k=256) "
             "(789,187 params each, float32)") in out
     assert re.search(r"^this plan: 5 subtasks x 200 classes, K=\d+, D=\d+, decoder small width \d+ ", out, re.M), out
