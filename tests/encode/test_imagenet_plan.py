@@ -48,7 +48,7 @@ def test_single_task_dry_run_prints_plan_paper_and_estimate(imagenet_dir) -> Non
             "(linear input) (5,774,691 params each, float32), soft labels, 10,000 iterations; 21,741,382 scalars = "
             "86,965,528 bytes") in out
     budget = 2 * 1000 * 3 * SIZE * SIZE * 4
-    m = re.search(r"^this plan: 1 task of 1,000 classes, K=(\d+), D=(\d+), decoder .*; at most ([\d,]+) bytes "
+    m = re.search(r"^this plan: 1 task of 1,000 classes, K=(\d+), D=(\d+), decoder .*; (?:at most|about) ([\d,]+) bytes "
                   r"\(([\d.]+)% of this budget\)$", out, re.M)
     assert m, out
     assert int(m.group(3).replace(",", "")) <= budget
