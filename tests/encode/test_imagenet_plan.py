@@ -1,5 +1,5 @@
 """ImageNet-1K planned and costed: `encode imagenet --data-dir DIR --dry-run` on a generated
-1,000-class ImageFolder (tiny images, two per class, so it runs in seconds) prints the plan, the
+1,000-class ImageFolder (tiny images, three per class, so it runs in seconds) prints the plan, the
 paper's configuration at that budget beside it and an estimate of time and peak memory, single-task
 and federated; the paper's table is checked against its own storage arithmetic."""
 from __future__ import annotations
@@ -20,14 +20,15 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def imagenet_dir(tmp_path_factory) -> str:
-    """`train/<wnid>/` folders of 1,000 classes, two 16x16 PNGs each (a colour per class plus noise)."""
+    """`train/<wnid>/` folders of 1,000 classes, three 16x16 PNGs each (a colour per class plus noise):
+    one is held out as the test split, and MMD needs two real images per class."""
     root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
     for c in range(1000):
         d = root / "train" / f"n{c:08d}"
         d.mkdir(parents=True)
         base = rng.integers(0, 256, size=3)
-        for i in range(2):
+        for i in range(3):
             img = np.clip(base + rng.normal(0, 30, size=(SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(d / f"{i}.png")
     return str(root)
@@ -60,7 +61,7 @@ def test_single_task_dry_run_prints_plan_paper_and_estimate(imagenet_dir) -> Non
 def test_federated_dry_run_prints_plan_paper_and_estimate(imagenet_dir) -> None:
     out = _dry_run(imagenet_dir, "1ipc", "--subtasks", "5")
     assert "federated plan: 5 subtasks (contiguous split) of 1,000 classes" in out
-    assert "subtask 4: classes 800-999 (200 classes, 200 images)" in out  # one of each class's 2 held out for test
+    assert "subtask 4: classes 800-999 (200 classes, 400 images)" in out  # one of each class's 3 held out for test
     assert ("paper (D3, ImageNet-1K at 64x64, 1 IPC): 5 subtasks x 200 classes, K=1, D=64, decoder small (k=256) "
             "(789,187 params each, float32)") in out
     assert re.search(r"^this plan: 5 subtasks x 200 classes, K=\d+, D=\d+, decoder small width \d+ ", out, re.M), out
