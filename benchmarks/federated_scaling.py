@@ -46,7 +46,8 @@ def _pinned_threads(n: int) -> Iterator[None]:
     process only (spawned processes are unaffected): the serial baseline at n threads."""
     import torch
 
-    from d3codec.encode import federated, merge
+    from d3codec.encode import merge
+    from d3codec.encode.federated import run, sharing
 
     @contextlib.contextmanager
     def threads() -> Iterator[None]:
@@ -57,12 +58,15 @@ def _pinned_threads(n: int) -> Iterator[None]:
         finally:
             torch.set_num_threads(old)
 
-    saved = federated.single_thread, merge.single_thread
-    federated.single_thread = merge.single_thread = threads
+    modules = (run, sharing, merge)  # every module that pins the thread count
+    saved = [m.single_thread for m in modules]
+    for m in modules:
+        m.single_thread = threads
     try:
         yield
     finally:
-        federated.single_thread, merge.single_thread = saved
+        for m, pin in zip(modules, saved):
+            m.single_thread = pin
 
 
 def _run(npz: str, root: str, name: str, subtasks: int, nproc: int, args: argparse.Namespace) -> tuple[float, bytes]:

@@ -223,6 +223,12 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     why = fit_cap_note(plan, cfg, real, options)
     if why:
         say(why)
+    from d3codec.encode.paper import compare_with_paper
+
+    paper = compare_with_paper(plan.budget, len(real.classes), tuple(real.image_shape), [plan], [len(real.classes)],
+                               plan.labels, plan.bound, plan.guaranteed)
+    if paper:
+        say(paper)
     say(f"{cfg.fit_iterations} fit iterations (K real images per class), then objective {cfg.objective}, "
         f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
     if not options.dry_run:

@@ -1,0 +1,124 @@
+"""`FederatedPlan`: everything a federated run does, fixed before training; each subtask's encode
+options and the run key that names the run (every setting that shapes its bytes)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional, Sequence
+
+from d3codec._version import __version__
+from d3codec.encode.api import EncodeOptions, compute_record
+from d3codec.encode.federated.split import class_ranges
+from d3codec.encode.labels import LabelStorage
+from d3codec.encode.merge import RECORD, DataSpec
+from d3codec.encode.planner import Plan
+from d3codec.format.types import Budget
+
+#: Bumped when the federated plan or part layout changes (part of every run key).
+FEDERATED_VERSION = 1
+#: Bytes of each part kept for the dataset reference `merge` reopens (paths): parts are planned
+#: without it, so where the data and caches live never changes what is trained.
+DATASET_RESERVE = 512
+
+
+@dataclass
+class FederatedPlan:
+    """Everything a federated run does, fixed before training starts."""
+
+    budget: Budget
+    split: str
+    groups: list[list[int]]
+    seeds: list[int]
+    share: int                      # bytes each part may take
+    plans: list[Plan]               # each subtask's planner output (at `share`)
+    labels: LabelStorage            # of the merged file
+    teacher: Optional[dict[str, Any]]
+    run: str                        # run key: hash of every setting that shapes the result
+    merged_provenance: dict[str, Any]
+    bound: int                      # merged file: strict upper bound (or estimate when not guaranteed)
+    breakdown: dict[str, int]       # merged file: part -> bytes (bounds, or estimates)
+    guaranteed: bool
+    num_classes: int
+    images: list[int]               # training images per subtask
+    data: Optional[DataSpec] = None
+    options: EncodeOptions = field(default_factory=EncodeOptions)
+
+    @property
+    def subtasks(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_tasks(self) -> int:
+        """Subtasks, plus the teacher's training when the merged file has soft labels."""
+        return self.subtasks + (1 if self.teacher is not None else 0)
+
+    def part_budget(self) -> Budget:
+        """What each part may take: its share of the budget."""
+        return Budget(bytes=self.share, unit="bytes", ipc=None, spec=str(self.share))
+
+    def planning_budget(self) -> Budget:
+        """What each subtask's encode plans for: the share less the dataset reference's reserve."""
+        return planning_budget(self.share)
+
+    def record(self, index: int, share: Optional[int] = None) -> dict[str, Any]:
+        """The `federated` provenance record of part `index` (what `merge` reads)."""
+        return {"run": self.run, "subtask": index, "subtasks": self.subtasks, "num_classes": self.num_classes,
+                "budget": asdict(self.budget), "share": self.share if share is None else share,
+                "labels": asdict(self.labels), "teacher": self.teacher,
+                "merged": self.merged_provenance}
+
+    def subtask_options(self, index: int, share: Optional[int] = None) -> EncodeOptions:
+        """The single-task `encode` options of subtask `index`."""
+        return subtask_options(self.options, self.groups[index], self.seeds[index],
+                               self.plans[0].latents_per_class if self.plans else None,
+                               self.plans[0].latent_dim if self.plans else None, self.record(index, share),
+                               self.plans[index].hparams["width"] if self.plans else None)
+
+    def summary(self) -> str:
+        b = self.budget
+        lines = [f"federated plan: {self.subtasks} subtasks ({self.split} split) of {self.num_classes:,} classes, "
+                 f"budget {b.bytes:,} bytes ({b.spec or b.unit}), run {self.run[:12]}",
+                 f"merged file {'at most' if self.guaranteed else 'estimated at'} {self.bound:,} bytes "
+                 f"({100.0 * self.bound / b.bytes:.1f}% of budget): "
+                 + ", ".join(f"{k} {v:,}" for k, v in self.breakdown.items()),
+                 f"labels {self.labels.describe()}"
+                 + (f" from a teacher over all classes ({self.teacher['experts']} expert x "
+                    f"{self.teacher['epochs']} epochs)" if self.teacher else ""),
+                 f"each subtask: at most {self.share:,} bytes (a part's header and dataset reference are held once "
+                 "in the merged file)"]
+        for i, (g, plan) in enumerate(zip(self.groups, self.plans)):
+            parts = ", ".join(f"{k} {v:,}" for k, v in plan.breakdown.items())
+            lines.append(f"  subtask {i}: classes {class_ranges(g)} ({len(g)} classes, {self.images[i]:,} images); "
+                         f"decoder {plan.family} width {plan.hparams.get('width')} ({plan.num_params:,} params, "
+                         f"{plan.weight_dtype}), K={plan.latents_per_class}, D={plan.latent_dim}; "
+                         f"part {'<=' if plan.guaranteed else '~'} {plan.bound:,} bytes ({parts})")
+        return "\n".join(lines)
+
+
+def planning_budget(share: int) -> Budget:
+    """What a subtask's encode plans for at byte share `share`: the share less the dataset reserve."""
+    return Budget(bytes=share - DATASET_RESERVE, unit="bytes", ipc=None, spec=str(share - DATASET_RESERVE))
+
+
+def subtask_options(options: EncodeOptions, classes: Sequence[int], seed: int, k: Optional[int], d: Optional[int],
+                    record: dict[str, Any], width: Optional[int] = None) -> EncodeOptions:
+    """The run's options narrowed to one subtask: its classes, seed, the shared K and D, hard labels
+    (the merged file's labels come from the teacher), one thread, and its `federated` record."""
+    return replace(options, classes=list(classes), seed=seed, latents_per_class=k, latent_dim=d, labels="hard",
+                   width=width or options.width, dry_run=False, resume=True,
+                   extra_provenance={**options.extra_provenance, RECORD: record,
+                                     "compute": compute_record(options.device, threads=1)})
+
+
+def run_key(dataset: Any, budget: Budget, split: str, groups: list[list[int]], seed: int, options: EncodeOptions,
+            k: int, d: int, labels: LabelStorage, teacher: Optional[dict[str, Any]]) -> str:
+    """Hash of every setting that shapes the run's bytes (a rerun reuses parts whose key matches)."""
+    cfg = options.distill_config()
+    text = json.dumps({"v": FEDERATED_VERSION, "d3codec": __version__, "fingerprint": dataset.fingerprint,
+                       "budget": budget.bytes, "split": split, "groups": groups, "seed": seed,
+                       "config": cfg.to_json(), "experts": list(options.expert_settings(cfg)), "k": k, "d": d,
+                       "labels": asdict(labels), "teacher": teacher, "weights": options.weight_dtype,
+                       "latents": options.latent_dtype, "width": options.width, "device": str(options.device),
+                       "threads": 1}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
