@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 from d3codec._version import __version__
 from d3codec.encode.api import EncodeOptions, compute_record, plan_for, smallest_class
+from d3codec.encode.distill import fit_latent_cap, images_per_class
 from d3codec.encode.classifier import derive_seed
 from d3codec.encode.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
                                            subtask_options)
@@ -124,6 +125,9 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
     cfg = options.distill_config()
     _, n_ep = options.expert_settings(cfg)
     max_k = smallest_class(dataset)
+    if cfg.init == "real":  # the single-task rule: K where the capped fit sees every target often enough
+        ipc = images_per_class(b.bytes, metadata.num_classes, metadata.image_shape)
+        max_k = min(max_k, fit_latent_cap(metadata.num_classes, metadata.image_shape, cfg, ipc))
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                         labels=resolve_labels(options.labels, n_ep, len(dataset), ExpertConfig.batch_size),
