@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from d3codec.data import open_dataset
-    from d3codec.encode.api import EncodeOptions, encode
+    from d3codec.distill.api import EncodeOptions, encode
     from d3codec.evaluate import Recipe, evaluate_baseline, evaluate_file
     from d3codec.format.budget import parse_budget
 

@@ -31,7 +31,7 @@ def _child(method: str, steps: int, batch: int, size: int, channels: int, width:
            threads: int) -> dict:
     import torch
 
-    from d3codec.encode.unroll import trajectory_match
+    from d3codec.distill.unroll import trajectory_match
     from d3codec.models.convnet import ConvNet, flatten_params, functional_forward, init_params
 
     torch.set_num_threads(threads)

@@ -46,8 +46,8 @@ def _pinned_threads(n: int) -> Iterator[None]:
     process only (spawned processes are unaffected): the serial baseline at n threads."""
     import torch
 
-    from d3codec.encode import merge
-    from d3codec.encode.federated import run, sharing
+    from d3codec.distill import merge
+    from d3codec.distill.federated import run, sharing
 
     @contextlib.contextmanager
     def threads() -> Iterator[None]:
@@ -70,9 +70,9 @@ def _pinned_threads(n: int) -> Iterator[None]:
 
 
 def _run(npz: str, root: str, name: str, subtasks: int, nproc: int, args: argparse.Namespace) -> tuple[float, bytes]:
-    from d3codec.encode.api import EncodeOptions
-    from d3codec.encode.federated import encode_federated
-    from d3codec.encode.merge import DataSpec
+    from d3codec.distill.api import EncodeOptions
+    from d3codec.distill.federated import encode_federated
+    from d3codec.distill.merge import DataSpec
 
     cache = os.path.join(root, f"cache-k{subtasks}-{name}")
     data = DataSpec.of(npz, cache_dir=cache)

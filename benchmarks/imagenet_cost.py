@@ -58,7 +58,7 @@ def saved_bytes(fn: Callable[[], Any]) -> int:
 
 def expert_units(classes: int, shape: tuple[int, int, int], batch: int = 4) -> tuple[float, float, float]:
     """(FLOPs of one expert SGD step per image, FLOPs of one forward per image, bytes saved per image)."""
-    from d3codec.encode.classifier import default_augment
+    from d3codec.distill.classifier import default_augment
     from d3codec.models.convnet import ConvNet
 
     net = ConvNet(shape[0], classes, shape[1:], width=128)
@@ -101,7 +101,7 @@ class _Experts:
 def distill_units(dataset: Any, plan: Any, cfg: Any) -> dict[str, float]:
     """FLOPs of the distillation's units with the planned decoder (see the module docstring),
     from steps of the real `Distiller` on 2 classes at small sizes."""
-    from d3codec.encode.distill import Distiller
+    from d3codec.distill.distiller import Distiller
 
     sub = dataset.subset([0, 1])
     meta = sub.metadata()
@@ -142,10 +142,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from d3codec.data import open_dataset
-    from d3codec.encode.api import EncodeOptions
-    from d3codec.encode.cost import _wall_seconds
-    from d3codec.encode.distill import default_fit_steps
-    from d3codec.encode.federated import plan_federated
+    from d3codec.distill.api import EncodeOptions
+    from d3codec.distill.cost import _wall_seconds
+    from d3codec.distill.distiller import default_fit_steps
+    from d3codec.distill.federated import plan_federated
 
     ds = open_dataset("imagenet", data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
     options = EncodeOptions(device="cuda")  # the plan a GPU run makes: CUDA defaults, nothing run on CUDA

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from d3codec.encode.planner import constant_prior_std, estimate_trained_size, store_means
+from d3codec.distill.planner import constant_prior_std, estimate_trained_size, store_means
 from d3codec.format.io import load
 from d3codec.format.types import PRIOR_TENSORS, D3File, Stored
 

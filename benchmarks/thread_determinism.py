@@ -46,9 +46,9 @@ def step_times(dataset: str, budget: str, threads: list[int], rounds: int, steps
     import torch
 
     from d3codec.data import open_dataset
-    from d3codec.encode.api import EncodeOptions, plan_for
-    from d3codec.encode.distill import Distiller
-    from d3codec.encode.experts import ensure_experts
+    from d3codec.distill.api import EncodeOptions, plan_for
+    from d3codec.distill.distiller import Distiller
+    from d3codec.distill.experts import ensure_experts
 
     with tempfile.TemporaryDirectory() as cache:
         ds = open_dataset(dataset, split="train", cache_dir=cache, progress=False)

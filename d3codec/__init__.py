@@ -2,8 +2,10 @@
 
 Public surface (imports are lazy, so `import d3codec` stays light):
 
+- `encode(dataset, budget, output, **options) -> D3File`, `plan(dataset, budget, **options) -> Plan`:
+  the writer (distillation; `d3codec encode` in Python).
+- `D3Dataset(path, batch_size=..., device=..., seed=...)`: the reader, training batches from a file.
 - `load(path) -> D3File`, `save(d3file, path, budget=...)`: the `.d3` format.
-- `D3Dataset(path, batch_size=..., device=..., seed=...)`: training batches from a file.
 - `D3Error`, `D3FormatError`: what bad input raises.
 
 `d3codec.models.ConvNet` is the classifier `d3codec eval` and `examples/` train on a file (that
@@ -22,13 +24,16 @@ _LAZY = {
     "D3File": ("d3codec.format.types", "D3File"),
     "D3FormatError": ("d3codec.format.errors", "D3FormatError"),
     "D3Dataset": ("d3codec.decode.dataset", "D3Dataset"),
+    "encode": ("d3codec.distill.public", "encode"),
+    "plan": ("d3codec.distill.public", "plan"),
 }
 
 # Spelled out (not `*_LAZY`) so linters and IDEs see the names; `_LAZY` must list the same ones.
-__all__ = ["__version__", "D3Error", "load", "save", "D3File", "D3FormatError", "D3Dataset"]
+__all__ = ["__version__", "D3Error", "encode", "plan", "D3Dataset", "load", "save", "D3File", "D3FormatError"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from d3codec.decode.dataset import D3Dataset
+    from d3codec.distill.public import encode, plan
     from d3codec.format.errors import D3FormatError
     from d3codec.format.io import load, save
     from d3codec.format.types import D3File

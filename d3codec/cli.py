@@ -189,7 +189,7 @@ def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int]
 
     import numpy as np
 
-    from d3codec.encode.experts import ensure_experts
+    from d3codec.distill.experts import ensure_experts
 
     train = _open_split(dataset, "train", data_dir, resolution, skip_bad_images, cache_dir, quiet)
     test = _open_split(dataset, "test", data_dir, resolution, skip_bad_images, cache_dir, True)
@@ -338,7 +338,7 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
     checkpoint that --resume continues from. On CPU the same seed gives byte-identical files for the same
     torch version, CPU capability and --threads (also those of cached experts it reuses); `d3codec info`
     shows what a file was encoded with."""
-    from d3codec.encode.api import EncodeOptions, encode
+    from d3codec.distill.api import EncodeOptions, encode
     from d3codec.errors import ConfigError
     from d3codec.format.budget import check_budget
 
@@ -348,7 +348,7 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
     federated = subtasks is not None or subtask is not None or split is not None or nproc != 1
     if not dry_run:  # before the data is decoded: nothing found late, no input overwritten
         from d3codec.data.sources import BUILTINS
-        from d3codec.encode.api import check_output
+        from d3codec.distill.api import check_output
 
         source = None if dataset in BUILTINS else dataset  # a builtin name is never a path
         check_output(output, inputs=[source, data_dir], resume=None if federated else resume)
@@ -372,15 +372,15 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
     encode(train, budget, output, options)
 
 
-# ---- federated encode (--subtasks/--subtask/--split/--nproc) and merge (encode/federated, encode/merge) ----
+# ---- federated encode (--subtasks/--subtask/--split/--nproc) and merge (distill/federated, encode/merge) ----
 
 def _encode_federated(spec: str, train: Any, budget: str, output: Optional[str], options: Any, *,
                       data_dir: Optional[str], resolution: Optional[int], skip_bad_images: bool,
                       cache_dir: Optional[str], subtasks: Optional[int], subtask: Optional[int],
                       split: Optional[str], nproc: int, threads: Optional[int]) -> None:
     """`encode --subtasks K`: serially, with --nproc local processes, or as this torchrun rank."""
-    from d3codec.encode.federated import encode_federated
-    from d3codec.encode.merge import DataSpec
+    from d3codec.distill.federated import encode_federated
+    from d3codec.distill.merge import DataSpec
     from d3codec.errors import ConfigError
 
     if subtasks is None:
@@ -411,7 +411,7 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
     on the full data if none is cached). Refuses parts that do not fit together, naming the part:
     other data, other format version, other run settings, overlapping or missing classes, or a part
     over its share of the budget."""
-    from d3codec.encode.merge import DataSpec, merge_parts
+    from d3codec.distill.merge import DataSpec, merge_parts
 
     from d3codec.errors import ConfigError
 

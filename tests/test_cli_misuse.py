@@ -19,7 +19,7 @@ from PIL import Image
 
 import d3codec._paths
 from d3codec.cli import cli
-from d3codec.encode import distill
+from d3codec.distill import distiller
 from d3codec.format import save
 from d3codec.format.testing import random_d3
 from d3codec.models import build_decoder, export_state
@@ -100,18 +100,18 @@ def test_a_rerun_without_resume_keeps_the_checkpoint_and_resume_says_where(tmp_p
     out = tmp_path / "d.d3"
     args = ["encode", "digits", "--budget", "1ipc", "-o", out, "--cache-dir", cache, "--iterations", "3",
             "--fit-steps", "3", "--checkpoint-every", "2", "--expert-epochs", "1"]
-    real_step = distill.Distiller.step
+    real_step = distiller.Distiller.step
 
     def crash_at_4(self):
         if self.iteration == 4:
             raise RuntimeError("simulated crash")
         return real_step(self)
 
-    monkeypatch.setattr(distill.Distiller, "step", crash_at_4)
+    monkeypatch.setattr(distiller.Distiller, "step", crash_at_4)
     assert isinstance(run(*args).exception, RuntimeError)
     ckpt = tmp_path / "d.d3.ckpt"
     saved = ckpt.read_bytes()
-    monkeypatch.setattr(distill.Distiller, "step", real_step)
+    monkeypatch.setattr(distiller.Distiller, "step", real_step)
     one_error_line(run(*args), "--resume", f"delete {ckpt}", "iteration 4")
     assert ckpt.read_bytes() == saved and not out.exists()
     result = run(*args, "--resume")
@@ -334,7 +334,7 @@ def test_the_subtask_budget_error_names_a_budget_that_works(cache) -> None:
 
 def test_experts_trained_without_a_test_split_print_no_accuracy(tmp_path, cache, monkeypatch) -> None:
     from d3codec.data import open_dataset
-    from d3codec.encode.experts import ensure_experts
+    from d3codec.distill.experts import ensure_experts
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from d3codec.cli import cli
 from d3codec.data import open_dataset
-from d3codec.encode import experts as experts_mod
-from d3codec.encode.experts import ensure_experts
+from d3codec.distill import experts as experts_mod
+from d3codec.distill.experts import ensure_experts
 from d3codec.errors import ConfigError
 from d3codec.models.convnet import flatten_params
 

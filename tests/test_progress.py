@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from d3codec.encode.classifier import train_classifier
+from d3codec.distill.classifier import train_classifier
 from d3codec.progress import Progress, format_duration
 
 

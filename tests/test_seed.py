@@ -14,7 +14,8 @@ def test_derived_seeds_are_pinned_63_bit_values() -> None:
 
 def test_parts_are_told_apart_and_every_caller_shares_the_function() -> None:
     from d3codec.decode import export, stream
-    from d3codec.encode import classifier, experts
+    from d3codec.distill import experts
+    from d3codec.distill.federated import split
 
     assert derive_seed(1, 2) != derive_seed(2, 1) and derive_seed(1, "a") != derive_seed(1, "b")
-    assert {stream.derive_seed, export.derive_seed, classifier.derive_seed, experts.derive_seed} == {derive_seed}
+    assert {stream.derive_seed, export.derive_seed, split.derive_seed, experts.derive_seed} == {derive_seed}

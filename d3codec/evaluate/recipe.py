@@ -16,7 +16,7 @@ from torch import nn
 
 from d3codec._seed import derive_seed
 from d3codec.data.dataset import normalize_uint8
-from d3codec.encode.classifier import (TrainResult, default_augment, evaluate_accuracy,
+from d3codec.distill.classifier import (TrainResult, default_augment, evaluate_accuracy,
                                       train_classifier)
 from d3codec.errors import ConfigError
 from d3codec.models.convnet import ConvNet, init_params

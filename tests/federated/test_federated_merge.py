@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import BUDGET, SUBTASKS, run_cli
 
-from d3codec.encode.api import EncodeOptions
-from d3codec.encode.federated import encode_federated
-from d3codec.encode.merge import (ClassOverlapError, DataSpec, FingerprintMismatchError, FormatVersionMismatchError,
+from d3codec.distill.api import EncodeOptions
+from d3codec.distill.federated import encode_federated
+from d3codec.distill.merge import (ClassOverlapError, DataSpec, FingerprintMismatchError, FormatVersionMismatchError,
                                   MissingClassesError, NotAPartError, PartError, PartOverBudgetError,
                                   RunMismatchError, merge_parts)
 from d3codec.errors import D3Error

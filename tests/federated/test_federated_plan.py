@@ -7,10 +7,10 @@ from click.testing import CliRunner
 
 from d3codec.cli import cli
 from d3codec.data import open_dataset
-from d3codec.encode.api import EncodeOptions
-from d3codec.encode.federated import (DATASET_RESERVE, assigned_tasks, plan_federated, split_classes,
+from d3codec.distill.api import EncodeOptions
+from d3codec.distill.federated import (DATASET_RESERVE, assigned_tasks, plan_federated, split_classes,
                                       subtask_seed)
-from d3codec.encode.merge import placeholder_merged
+from d3codec.distill.merge import placeholder_merged
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.io import size_upper_bound
 
@@ -77,8 +77,8 @@ def test_merged_file_plans_like_one_encode_with_a_decoder_per_subtask(digits) ->
     defaults keep log-variances constant, so they compress away); K starts at the single-task
     planner's share of the budget, each part gets its widest decoder, and more components fill
     what their width steps left."""
-    from d3codec.encode.api import plan_for
-    from d3codec.encode.planner import default_latents_per_class
+    from d3codec.distill.api import plan_for
+    from d3codec.distill.planner import default_latents_per_class
 
     options = EncodeOptions(iterations=2)
     for budget in ("10ipc", "20ipc"):

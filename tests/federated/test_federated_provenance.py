@@ -9,8 +9,8 @@ import torch
 
 from conftest import SUBTASKS, encode_args, run_cli
 
-from d3codec.encode.api import compute_record
-from d3codec.encode.merge import merged_provenance
+from d3codec.distill.api import compute_record
+from d3codec.distill.merge import merged_provenance
 from d3codec.format.io import load
 
 

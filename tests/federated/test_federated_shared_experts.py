@@ -13,9 +13,9 @@ import pytest
 from conftest import run_cli
 
 from d3codec.data import open_dataset
-from d3codec.encode.api import EncodeOptions
-from d3codec.encode.cost import render_estimate
-from d3codec.encode.federated import (SharedExpertFailed, assigned_tasks, expert_owner, expert_shares,
+from d3codec.distill.api import EncodeOptions
+from d3codec.distill.cost import render_estimate
+from d3codec.distill.federated import (SharedExpertFailed, assigned_tasks, expert_owner, expert_shares,
                                       part_path, plan_federated, ranks_with_work, run_subtask,
                                       subtask_group)
 

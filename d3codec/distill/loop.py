@@ -13,9 +13,9 @@ import threading
 import time
 from typing import Any, Optional
 
-from d3codec.encode.checkpoint import load_checkpoint, save_checkpoint
-from d3codec.encode.distill import Distiller
-from d3codec.encode.planner import Plan
+from d3codec.distill.checkpoint import load_checkpoint, save_checkpoint
+from d3codec.distill.distiller import Distiller
+from d3codec.distill.planner import Plan
 from d3codec.errors import ConfigError
 from d3codec.progress import Progress
 

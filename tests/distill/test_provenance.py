@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from d3codec.cli import cli
 from d3codec.data import open_dataset
-from d3codec.encode.api import EncodeOptions, compute_record, plan_for
+from d3codec.distill.api import EncodeOptions, compute_record, plan_for
 from d3codec.format.io import load
 
 

@@ -14,15 +14,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
 from d3codec._version import __version__
-from d3codec.encode.api import EncodeOptions, compute_record, plan_for, smallest_class
-from d3codec.encode.distill import fit_latent_cap, images_per_class
-from d3codec.encode.classifier import derive_seed
-from d3codec.encode.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
+from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class
+from d3codec.distill.distiller import fit_latent_cap, images_per_class
+from d3codec._seed import derive_seed
+from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
                                            subtask_options)
-from d3codec.encode.federated.split import split_classes, subtask_seed
-from d3codec.encode.labels import LabelStorage, resolve_labels
-from d3codec.encode.merge import DataSpec, placeholder_merged
-from d3codec.encode.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
+from d3codec.distill.federated.split import split_classes, subtask_seed
+from d3codec.distill.labels import LabelStorage, resolve_labels
+from d3codec.distill.merge import DataSpec, placeholder_merged
+from d3codec.distill.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
                                     label_bytes, plan_budget, raw_parts)
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import Budget
@@ -119,7 +119,7 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
     """D and labels are what the single-task plan of all classes picks; K starts where the
     single-task planner starts (its share of the budget), not where that plan ended: its K filled
     the bytes one decoder left, and the parts have S decoders."""
-    from d3codec.encode.experts import ExpertConfig
+    from d3codec.distill.experts import ExpertConfig
 
     metadata = dataset.metadata()
     cfg = options.distill_config()

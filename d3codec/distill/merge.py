@@ -2,7 +2,7 @@
 then soft labels over all classes from one teacher (the paper's global labelling step).
 
 A part is a valid `.d3` file of one subtask's classes whose provenance holds a `federated` record
-(written by `encode.federated`): the run key (a hash of every setting that shapes the result),
+(written by `distill.federated`): the run key (a hash of every setting that shapes the result),
 subtask index and count, the total class count, the whole budget and this subtask's share of it,
 the label storage and teacher of the merged file, the merged file's provenance, and how to reopen
 the dataset. `merge_parts` refuses parts that do not fit together, each kind of misfit with its own
@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from d3codec.encode.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs_of_batches
-from d3codec.encode.planner import Plan, decoder_shapes, store_decoder_state, store_priors
+from d3codec.distill.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs_of_batches
+from d3codec.distill.planner import Plan, decoder_shapes, store_decoder_state, store_priors
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.types import PRIOR_TENSORS, Budget, D3File, DecoderEntry, Labels, Metadata, Priors, Stored
 
@@ -253,7 +253,7 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
                   device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False) -> Labels:
     """Soft labels over all classes: a teacher trained on the whole dataset (cached by the experts
     API, trained now if missing) applied to every component's mean image."""
-    from d3codec.encode.experts import ensure_experts
+    from d3codec.distill.experts import ensure_experts
 
     if dataset.fingerprint != d3.metadata.fingerprint:
         raise FingerprintMismatchError(f"dataset {dataset.name} (fingerprint {dataset.fingerprint}) is not the one the "
@@ -288,7 +288,7 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
     Soft labels need the data (for the teacher): `dataset` (an `ImageDataset`), else `data`, else
     the reference the parts recorded. Refuses misfit parts with a `PartError` subclass.
     """
-    from d3codec.encode.fitting import save_within_budget
+    from d3codec.distill.fitting import save_within_budget
     from d3codec.format.io import load
 
     say: Log = log or (lambda s: None if quiet else print(s, file=sys.stderr))

@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from d3codec._version import __version__
-from d3codec.encode.api import EncodeOptions, compute_record
-from d3codec.encode.federated.split import class_ranges
-from d3codec.encode.labels import LabelStorage
-from d3codec.encode.merge import RECORD, DataSpec
-from d3codec.encode.planner import Plan
+from d3codec.distill.api import EncodeOptions, compute_record
+from d3codec.distill.federated.split import class_ranges
+from d3codec.distill.labels import LabelStorage
+from d3codec.distill.merge import RECORD, DataSpec
+from d3codec.distill.planner import Plan
 from d3codec.format.types import Budget
 
 #: Bumped when the federated plan or part layout changes (part of every run key).

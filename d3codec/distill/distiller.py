@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from d3codec.encode.mmd import DEFAULT_SIGMAS, mmd2_unbiased
-from d3codec.encode.planner import Plan, store_means, tensor_dtype
-from d3codec.encode.unroll import trajectory_match
+from d3codec.distill.mmd import DEFAULT_SIGMAS, mmd2_unbiased
+from d3codec.distill.planner import Plan, store_means, tensor_dtype
+from d3codec.distill.unroll import trajectory_match
 from d3codec.errors import ConfigError
 from d3codec.format.types import Metadata
 
@@ -162,7 +162,7 @@ class Distiller:
     """Trainable state (latents, decoder, step size), one `step()` per iteration, export to tensors.
 
     `real` is the `ImageDataset` of the classes distilled (labels 0..n-1); `experts` an
-    `encode.experts.ExpertSet` trained on the same classes (`build_model`, `flat_at(i, epoch)`).
+    `distill.experts.ExpertSet` trained on the same classes (`build_model`, `flat_at(i, epoch)`).
     """
 
     def __init__(self, plan: Plan, metadata: Metadata, real: Any, experts: Any, config: DistillConfig,
@@ -481,7 +481,7 @@ class Distiller:
     # ---------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything `load_state` needs to continue identically: tensors and JSON."""
-        from d3codec.encode.checkpoint import optimizer_to_flat
+        from d3codec.distill.checkpoint import optimizer_to_flat
 
         tensors = {"mean": self.mean.detach(), "logvar": self.logvar.detach(), "syn_lr": self.syn_lr.detach(),
                    "rng": self.generator.get_state()}
@@ -496,7 +496,7 @@ class Distiller:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        from d3codec.encode.checkpoint import optimizer_from_flat
+        from d3codec.distill.checkpoint import optimizer_from_flat
 
         with torch.no_grad():
             self.mean.copy_(tensors["mean"])

@@ -6,7 +6,7 @@ a placeholder file of exactly the planned names, dtypes, shapes, metadata and pr
 decoder weights and latent codes compressed as Gaussian values compress (trained ones compress at
 least as well: `estimate_trained_size`), soft labels counted raw and the headers as they compress,
 plus a margin. `encode` checks the real size before writing and keeps fewer components in the rare
-case it is over (`encode.fitting`); where the strict shape-only bound (`format.io.size_upper_bound`)
+case it is over (`distill.fitting`); where the strict shape-only bound (`format.io.size_upper_bound`)
 is smaller, it is used and the fit is guaranteed.
 A share of the bytes goes to components (latents with soft labels), the rest to the widest decoder
 that fits; then more components fill what the decoder's width steps leave. Where K is capped (every
@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from d3codec.encode.labels import LabelStorage, placeholder_labels
+from d3codec.distill.labels import LabelStorage, placeholder_labels
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format import size as size_model
 from d3codec.format.io import LEVEL_LARGE, size_upper_bound
@@ -239,7 +239,7 @@ def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bo
     leaves 10-25% of a typical budget unused; the estimate compresses decoder weights and latent
     codes as Gaussian values compress (`estimate_trained_size`) and headers as they compress.
     `encode` checks the real size before writing and, in the rare case it is over, keeps fewer
-    components (`encode.fitting`).
+    components (`distill.fitting`).
     """
     bound = size_upper_bound(d3)
     parts = _estimate(**spec, budget=budget)

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from d3codec.encode.merge import RECORD
+from d3codec.distill.merge import RECORD
 from d3codec.errors import ConfigError
 from d3codec.format.atomic import write_atomic
 from d3codec.format.types import D3File

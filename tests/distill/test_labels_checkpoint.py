@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d3codec.encode.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from d3codec.encode.labels import (MIN_TEACHER_STEPS, LabelStorage, index_dtype, resolve_labels, store_labels,
+from d3codec.distill.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from d3codec.distill.labels import (MIN_TEACHER_STEPS, LabelStorage, index_dtype, resolve_labels, store_labels,
                                    teacher_probs_of_batches)
 from d3codec.errors import ConfigError
 

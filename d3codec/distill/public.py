@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Union
 
-from d3codec.encode.api import EncodeOptions, encode as _encode, plan_for
-from d3codec.encode.planner import Plan
+from d3codec.distill.api import EncodeOptions, encode as _encode, plan_for
+from d3codec.distill.planner import Plan
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File
 

@@ -8,12 +8,12 @@ import math
 import torch
 
 from d3codec.data import open_dataset
-from d3codec.encode.api import EncodeOptions, plan_for
-from d3codec.encode.cost import mmd_classes
-from d3codec.encode.distill import (FIT_PASSES, MAX_FIT_STEPS, MIN_FIT_PASSES, Distiller, cpu_defaults,
+from d3codec.distill.api import EncodeOptions, plan_for
+from d3codec.distill.cost import mmd_classes
+from d3codec.distill.distiller import (FIT_PASSES, MAX_FIT_STEPS, MIN_FIT_PASSES, Distiller, cpu_defaults,
                                     default_fit_steps, fit_latent_cap, images_per_class, max_fit_steps)
-from d3codec.encode.experts import ensure_experts
-from d3codec.encode.planner import WIDTHS, max_width, plan_budget
+from d3codec.distill.experts import ensure_experts
+from d3codec.distill.planner import WIDTHS, max_width, plan_budget
 from d3codec.format.budget import parse_budget
 from d3codec.format.types import Metadata
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3codec._seed import derive_seed  # noqa: F401 - federated.py imports it from here
 from d3codec.progress import Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 import torch
 
 from d3codec._version import __version__
-from d3codec.encode.distill import (OBJECTIVES, DistillConfig, Distiller, cpu_defaults, default_fit_steps,
+from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, cpu_defaults, default_fit_steps,
                                     fit_latent_cap, images_per_class)
-from d3codec.encode.labels import resolve_labels, store_labels, teacher_probs_of_batches
-from d3codec.encode.planner import Plan, plan_budget, store_decoder_state, store_priors
+from d3codec.distill.labels import resolve_labels, store_labels, teacher_probs_of_batches
+from d3codec.distill.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File, DecoderEntry
 
 if TYPE_CHECKING:
-    from d3codec.encode.cost import Estimate
+    from d3codec.distill.cost import Estimate
 
 Log = Callable[[str], None]
 
@@ -91,7 +91,7 @@ def check_output(output: Optional[str], *, inputs: Sequence[Optional[str]] = (),
     check_output_file(output, inputs)
     ckpt = output + ".ckpt"
     if resume is False and os.path.exists(ckpt):
-        from d3codec.encode.checkpoint import checkpoint_iteration
+        from d3codec.distill.checkpoint import checkpoint_iteration
 
         at = checkpoint_iteration(ckpt)
         where = f" (stopped at iteration {at})" if at is not None else ""
@@ -180,7 +180,7 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
-    from d3codec.encode.experts import ExpertConfig
+    from d3codec.distill.experts import ExpertConfig
 
     labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
     max_k = smallest_class(real) if max_latents is None else max_latents
@@ -223,7 +223,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     why = fit_cap_note(plan, cfg, real, options)
     if why:
         say(why)
-    from d3codec.encode.paper import compare_with_paper
+    from d3codec.distill.paper import compare_with_paper
 
     paper = compare_with_paper(plan.budget, len(real.classes), tuple(real.image_shape), [plan], [len(real.classes)],
                                plan.labels, plan.bound, plan.guaranteed)
@@ -233,7 +233,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
         f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
     if not options.dry_run:
         check_output(output, resume=options.resume)
-    from d3codec.encode.cost import render_actual, render_single
+    from d3codec.distill.cost import render_actual, render_single
 
     estimate = None if options.quiet else estimate_encode(dataset, plan, cfg, real, options)
     if estimate is not None:
@@ -242,7 +242,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
         return plan
     torch.manual_seed(cfg.seed)  # nothing should use the global RNG; this pins anything that does
 
-    from d3codec.encode.experts import ensure_experts
+    from d3codec.distill.experts import ensure_experts
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -254,14 +254,14 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
                              progress=not options.quiet)
     seconds["experts"] = time.perf_counter() - started
     distiller = Distiller(plan, real.metadata(), real, experts, cfg, device=options.device)
-    from d3codec.encode.loop import run_loop
+    from d3codec.distill.loop import run_loop
 
     run_loop(distiller, output + ".ckpt", plan, resume=options.resume,
              checkpoint_every=options.checkpoint_every, quiet=options.quiet, seconds=seconds)
     started = time.perf_counter()
     d3 = export(distiller, plan, real, experts, prov, device=options.device)
     seconds["labels"] = time.perf_counter() - started  # with the decoder's fold into its stored form
-    from d3codec.encode.fitting import save_within_budget
+    from d3codec.distill.fitting import save_within_budget
     from d3codec.format.io import load
 
     started = time.perf_counter()
@@ -279,7 +279,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
 def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptions) -> "Estimate":
     """The `cost.Estimate` of this encode on this machine, from a short timed probe of `real`
     with the plan's decoder and settings (experts already in the cache count 0 s)."""
-    from d3codec.encode.cost import cached_experts, estimate_single, run_probe
+    from d3codec.distill.cost import cached_experts, estimate_single, run_probe
 
     n_exp, n_ep = options.expert_settings(cfg, len(real))
     classes = None if options.classes is None else list(real.classes)

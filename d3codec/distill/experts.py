@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from d3codec._seed import derive_seed
-from d3codec.encode.classifier import default_augment, evaluate_accuracy, train_classifier
+from d3codec.distill.classifier import default_augment, evaluate_accuracy, train_classifier
 from d3codec.errors import ConfigError
 from d3codec.format.atomic import atomic_path, write_atomic
 from d3codec.models.convnet import (ConvNet, flatten_params, init_params, load_flat, param_names,

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from d3codec.encode.classifier import derive_seed
+from d3codec._seed import derive_seed
 from d3codec.errors import ConfigError
 
 SPLITS = ("contiguous", "balanced")

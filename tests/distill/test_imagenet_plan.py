@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from d3codec.cli import cli
-from d3codec.encode.paper import IMAGENET_64, paper_config
+from d3codec.distill.paper import IMAGENET_64, paper_config
 from d3codec.format.budget import parse_budget
 
 SIZE = 16

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from d3codec.cli import cli
 from d3codec.data import open_dataset
-from d3codec.encode import distill
-from d3codec.encode.api import EncodeOptions, encode
+from d3codec.distill import distiller
+from d3codec.distill.api import EncodeOptions, encode
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.io import load
 
@@ -95,18 +95,18 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(digits, cache,
 
 def test_resume_after_a_crash_gives_the_identical_file(digits, cache, reference, tmp_path, monkeypatch) -> None:
     out = tmp_path / "resumed.d3"
-    real_step = distill.Distiller.step
+    real_step = distiller.Distiller.step
 
     def crash_at_5(self):
         if self.iteration == 5:
             raise RuntimeError("simulated crash")
         return real_step(self)
 
-    monkeypatch.setattr(distill.Distiller, "step", crash_at_5)
+    monkeypatch.setattr(distiller.Distiller, "step", crash_at_5)
     with pytest.raises(RuntimeError, match="simulated"):
         encode(digits, "1ipc", str(out), _options(cache))
     assert not out.exists() and (tmp_path / "resumed.d3.ckpt").exists()  # checkpoint of iteration 4
-    monkeypatch.setattr(distill.Distiller, "step", real_step)
+    monkeypatch.setattr(distiller.Distiller, "step", real_step)
     encode(digits, "1ipc", str(out), _options(cache, resume=True))
     assert out.read_bytes() == reference
     assert not (tmp_path / "resumed.d3.ckpt").exists()
@@ -114,35 +114,35 @@ def test_resume_after_a_crash_gives_the_identical_file(digits, cache, reference,
 
 def test_ctrl_c_checkpoints_and_resume_gives_the_identical_file(digits, cache, reference, tmp_path, monkeypatch) -> None:
     out = tmp_path / "interrupted.d3"
-    real_step = distill.Distiller.step
+    real_step = distiller.Distiller.step
 
     def interrupt_at_3(self):
         if self.iteration == 3:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the iteration finishes, then it stops
         return real_step(self)
 
-    monkeypatch.setattr(distill.Distiller, "step", interrupt_at_3)
+    monkeypatch.setattr(distiller.Distiller, "step", interrupt_at_3)
     with pytest.raises(KeyboardInterrupt):
         encode(digits, "1ipc", str(out), _options(cache, checkpoint_every=0))
     assert not out.exists()
-    monkeypatch.setattr(distill.Distiller, "step", real_step)
+    monkeypatch.setattr(distiller.Distiller, "step", real_step)
     encode(digits, "1ipc", str(out), _options(cache, resume=True, checkpoint_every=0))
     assert out.read_bytes() == reference
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(digits, cache, tmp_path, monkeypatch) -> None:
     out = tmp_path / "x.d3"
-    real_step = distill.Distiller.step
+    real_step = distiller.Distiller.step
 
     def crash(self):
         if self.iteration == 3:
             raise RuntimeError("crash")
         return real_step(self)
 
-    monkeypatch.setattr(distill.Distiller, "step", crash)
+    monkeypatch.setattr(distiller.Distiller, "step", crash)
     with pytest.raises(RuntimeError):
         encode(digits, "1ipc", str(out), _options(cache))
-    monkeypatch.setattr(distill.Distiller, "step", real_step)
+    monkeypatch.setattr(distiller.Distiller, "step", real_step)
     with pytest.raises(ConfigError, match="other settings"):
         encode(digits, "1ipc", str(out), _options(cache, resume=True, seed=5))
 

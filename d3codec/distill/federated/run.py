@@ -20,16 +20,16 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from d3codec.encode.api import EncodeOptions, check_output, encode
-from d3codec.encode.federated.markers import (SharedExpertFailed, clear_expert_markers, finished_part, part_path,
+from d3codec.distill.api import EncodeOptions, check_output, encode
+from d3codec.distill.federated.markers import (SharedExpertFailed, clear_expert_markers, finished_part, part_path,
                                               wait_for_experts)
-from d3codec.encode.federated.plan import DATASET_RESERVE, FederatedPlan
-from d3codec.encode.federated.search import plan_federated
-from d3codec.encode.federated.sharing import (expert_owner, experts_per_subtask, ranks_with_work,
+from d3codec.distill.federated.plan import DATASET_RESERVE, FederatedPlan
+from d3codec.distill.federated.search import plan_federated
+from d3codec.distill.federated.sharing import (expert_owner, experts_per_subtask, ranks_with_work,
                                               train_expert_shares)
-from d3codec.encode.federated.split import assigned_tasks, class_ranges
-from d3codec.encode.merge import RECORD, DataSpec, merge_parts, single_thread
-from d3codec.encode.paper import compare_with_paper
+from d3codec.distill.federated.split import assigned_tasks, class_ranges
+from d3codec.distill.merge import RECORD, DataSpec, merge_parts, single_thread
+from d3codec.distill.paper import compare_with_paper
 from d3codec.errors import ConfigError
 from d3codec.format.types import Budget, D3File
 
@@ -103,7 +103,7 @@ def _add_dataset_reference(trained: str, path: str, fplan: FederatedPlan, say: L
 
 def run_teacher(dataset: Any, fplan: FederatedPlan, device: Optional[str] = None) -> None:
     """Train (or find cached) the merged file's teacher over all classes, as `merge` will ask for it."""
-    from d3codec.encode.experts import ensure_experts
+    from d3codec.distill.experts import ensure_experts
 
     if fplan.teacher is None:
         return
@@ -188,7 +188,7 @@ def encode_federated(data: Optional[DataSpec], budget: Union[str, int, Budget], 
             say(paper)
     if options.dry_run:
         if rank == 0:
-            from d3codec.encode.cost import estimate_cost, render_estimate
+            from d3codec.distill.cost import estimate_cost, render_estimate
 
             say(render_estimate(estimate_cost(dataset, fplan), fplan, max(world, nproc)))
         return fplan

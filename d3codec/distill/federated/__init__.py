@@ -12,13 +12,13 @@ One job per module:
 
 Serial, torchrun and separate `--subtask` jobs + `merge` write byte-identical files on CPU.
 """
-from d3codec.encode.federated.markers import SharedExpertFailed, clear_expert_markers, finished_part, part_path
-from d3codec.encode.federated.plan import DATASET_RESERVE, FEDERATED_VERSION, FederatedPlan
-from d3codec.encode.federated.run import encode_federated, run_subtask, run_tasks, run_teacher, torchrun_env
-from d3codec.encode.federated.search import plan_federated, smallest_working
-from d3codec.encode.federated.sharing import (expert_owner, expert_shares, experts_per_subtask, ranks_with_work,
+from d3codec.distill.federated.markers import SharedExpertFailed, clear_expert_markers, finished_part, part_path
+from d3codec.distill.federated.plan import DATASET_RESERVE, FEDERATED_VERSION, FederatedPlan
+from d3codec.distill.federated.run import encode_federated, run_subtask, run_tasks, run_teacher, torchrun_env
+from d3codec.distill.federated.search import plan_federated, smallest_working
+from d3codec.distill.federated.sharing import (expert_owner, expert_shares, experts_per_subtask, ranks_with_work,
                                               subtask_group, train_expert_shares)
-from d3codec.encode.federated.split import SPLITS, assigned_tasks, split_classes, subtask_seed
+from d3codec.distill.federated.split import SPLITS, assigned_tasks, split_classes, subtask_seed
 
 __all__ = ["DATASET_RESERVE", "FEDERATED_VERSION", "SPLITS", "FederatedPlan", "SharedExpertFailed", "assigned_tasks",
            "clear_expert_markers", "encode_federated", "expert_owner", "expert_shares", "experts_per_subtask",

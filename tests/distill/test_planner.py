@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from d3codec.encode.labels import store_labels
-from d3codec.encode.planner import decoder_shapes, plan_budget, store_decoder_state, store_priors
+from d3codec.distill.labels import store_labels
+from d3codec.distill.planner import decoder_shapes, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import BudgetError, ConfigError
 from d3codec.format.budget import parse_budget
 from d3codec.format.io import encoded_size
@@ -132,7 +132,7 @@ def test_components_never_outnumber_the_real_images_of_a_class() -> None:
 
 
 def test_at_the_component_cap_the_code_grows_while_the_decoder_keeps_half_its_width() -> None:
-    from d3codec.encode.planner import MAX_LATENT_DIM_GROWTH, MIN_WIDTH_KEPT, default_latent_dim
+    from d3codec.distill.planner import MAX_LATENT_DIM_GROWTH, MIN_WIDTH_KEPT, default_latent_dim
 
     metadata = _metadata(10, (3, 16, 16))
     budget = parse_budget("10ipc", 10, (3, 16, 16))
@@ -159,7 +159,7 @@ def test_codes_sharing_one_prior_std_lie_on_its_grid_and_compress() -> None:
     learnt (varied) log-variances keep min-max storage, other dtypes their own."""
     import zstandard
 
-    from d3codec.encode.planner import CODE_STEP
+    from d3codec.distill.planner import CODE_STEP
     g = torch.Generator().manual_seed(0)
     mean = 0.5 * torch.randn(10, 100, 32, generator=g)
     const = torch.full_like(mean, 2 * math.log(0.1))

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from d3codec.cli import cli
 from d3codec.data import open_dataset
-from d3codec.encode.api import EncodeOptions, plan_for
-from d3codec.encode.cost import estimate_single, render_single, run_probe
+from d3codec.distill.api import EncodeOptions, plan_for
+from d3codec.distill.cost import estimate_single, render_single, run_probe
 
 from many_classes import many_classes_npz
 

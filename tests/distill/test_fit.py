@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from d3codec.data import open_dataset
-from d3codec.encode.api import EncodeOptions, plan_for
-from d3codec.encode.distill import PCA_CODE_STD, Distiller
-from d3codec.encode.experts import ensure_experts
+from d3codec.distill.api import EncodeOptions, plan_for
+from d3codec.distill.distiller import PCA_CODE_STD, Distiller
+from d3codec.distill.experts import ensure_experts
 from d3codec.errors import ConfigError
 
 FIT = 150
@@ -52,7 +52,7 @@ def test_priors_start_at_the_fit_noise(fitted) -> None:
 
 
 def test_fit_settings_are_checked() -> None:
-    from d3codec.encode.distill import DistillConfig
+    from d3codec.distill.distiller import DistillConfig
 
     with pytest.raises(ConfigError, match="init"):
         DistillConfig(init="gan").validate()
@@ -98,7 +98,7 @@ def test_fit_starts_from_principal_component_codes(fitted) -> None:
 def test_default_fit_steps_grow_with_the_targets(tmp_path) -> None:
     """Many components get a longer fit (each image seen about FIT_PASSES times), within bounds;
     a fit length the user gives is kept."""
-    from d3codec.encode.distill import FIT_PASSES, MAX_FIT_STEPS, DistillConfig, default_fit_steps
+    from d3codec.distill.distiller import FIT_PASSES, MAX_FIT_STEPS, DistillConfig, default_fit_steps
 
     cfg = DistillConfig(fit_steps=1000, fit_batch=256)
     assert default_fit_steps(10 * 30, cfg) == 1000
@@ -118,7 +118,7 @@ def test_default_fit_steps_grow_with_the_targets(tmp_path) -> None:
 def test_final_phase_trains_the_means_the_file_stores(tmp_path) -> None:
     """Once frozen (the final phase), draws start from the latent means as `store_priors` stores
     them, as the decoder's weights are fake-quantised: what the last iterations optimise is the file."""
-    from d3codec.encode.planner import store_priors
+    from d3codec.distill.planner import store_priors
 
     cache = str(tmp_path / "cache")
     digits = open_dataset("digits", cache_dir=cache, progress=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d3codec.encode.mmd import classwise_mmd, mmd2_unbiased
-from d3codec.encode.unroll import trajectory_match
+from d3codec.distill.mmd import classwise_mmd, mmd2_unbiased
+from d3codec.distill.unroll import trajectory_match
 from d3codec.models.convnet import ConvNet, flatten_params, functional_forward, init_params
 
 

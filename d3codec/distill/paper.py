@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from d3codec.format.types import Budget
 
 if TYPE_CHECKING:
-    from d3codec.encode.labels import LabelStorage
-    from d3codec.encode.planner import Plan
+    from d3codec.distill.labels import LabelStorage
+    from d3codec.distill.planner import Plan
 
 #: The dataset and image shape the paper's figures are for.
 PAPER_CLASSES, PAPER_SHAPE = 1000, (3, 64, 64)

@@ -1,2 +1,0 @@
-"""Training: the classifier loop, experts, the budget planner, distillation (MTT + MMD), soft
-labels, and federated subtasks with merge. `encode.api.encode` is the Python form of `d3codec encode`."""
