@@ -261,7 +261,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     started = time.perf_counter()
     d3 = export(distiller, plan, real, experts, prov, device=options.device)
     seconds["labels"] = time.perf_counter() - started  # with the decoder's fold into its stored form
-    from d3codec.distill.fitting import save_within_budget
+    from d3codec.distill.trim import save_within_budget
     from d3codec.format.io import load
 
     started = time.perf_counter()

@@ -288,7 +288,7 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
     Soft labels need the data (for the teacher): `dataset` (an `ImageDataset`), else `data`, else
     the reference the parts recorded. Refuses misfit parts with a `PartError` subclass.
     """
-    from d3codec.distill.fitting import save_within_budget
+    from d3codec.distill.trim import save_within_budget
     from d3codec.format.io import load
 
     say: Log = log or (lambda s: None if quiet else print(s, file=sys.stderr))

@@ -6,7 +6,7 @@ a placeholder file of exactly the planned names, dtypes, shapes, metadata and pr
 decoder weights and latent codes compressed as Gaussian values compress (trained ones compress at
 least as well: `estimate_trained_size`), soft labels counted raw and the headers as they compress,
 plus a margin. `encode` checks the real size before writing and keeps fewer components in the rare
-case it is over (`distill.fitting`); where the strict shape-only bound (`format.io.size_upper_bound`)
+case it is over (`distill.trim`); where the strict shape-only bound (`format.io.size_upper_bound`)
 is smaller, it is used and the fit is guaranteed.
 A share of the bytes goes to components (latents with soft labels), the rest to the widest decoder
 that fits; then more components fill what the decoder's width steps leave. Where K is capped (every
@@ -239,7 +239,7 @@ def _fit_size(d3: D3File, budget: Budget, spec: dict[str, Any]) -> tuple[int, bo
     leaves 10-25% of a typical budget unused; the estimate compresses decoder weights and latent
     codes as Gaussian values compress (`estimate_trained_size`) and headers as they compress.
     `encode` checks the real size before writing and, in the rare case it is over, keeps fewer
-    components (`distill.fitting`).
+    components (`distill.trim`).
     """
     bound = size_upper_bound(d3)
     parts = _estimate(**spec, budget=budget)

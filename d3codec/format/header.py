@@ -38,7 +38,7 @@ _INT_RANGE = {"I8": (-128, 127), "U8": (0, 255)}
 _MAX_INT = 2**63 - 1
 
 
-class Ctx:
+class ErrorContext:
     """Where an error happened and how to fix it, for one-line messages."""
 
     def __init__(self, where: str, fix: str) -> None:
@@ -104,7 +104,7 @@ def f32_json(x: float) -> float:
 
 # ---------------------------------------------------------------- JSON helpers
 
-def parse_json(raw: bytes, ctx: Ctx) -> dict[str, Any]:
+def parse_json(raw: bytes, ctx: ErrorContext) -> dict[str, Any]:
     """Strict JSON object: UTF-8, no duplicate keys, no NaN/Infinity."""
     try:
         obj = strict_loads(raw.decode("utf-8"))
@@ -115,7 +115,7 @@ def parse_json(raw: bytes, ctx: Ctx) -> dict[str, Any]:
     return obj
 
 
-def _field(obj: dict, key: str, kinds: Any, ctx: Ctx, path: str, optional: bool = False) -> Any:
+def _field(obj: dict, key: str, kinds: Any, ctx: ErrorContext, path: str, optional: bool = False) -> Any:
     if key not in obj or (optional and obj[key] is None):
         if optional:
             return None
@@ -128,7 +128,7 @@ def _field(obj: dict, key: str, kinds: Any, ctx: Ctx, path: str, optional: bool 
     return value
 
 
-def _required(obj: dict, key: str, ctx: Ctx, path: str) -> Any:
+def _required(obj: dict, key: str, ctx: ErrorContext, path: str) -> Any:
     """The value of `key`, of any JSON type (`check_structure` checks it)."""
     if key not in obj:
         raise ctx.invalid(f"header field {path}.{key} is missing")
@@ -141,27 +141,27 @@ def _kind_name(kinds: Any) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _int(obj: dict, key: str, ctx: Ctx, path: str, lo: int = 0, hi: int = _MAX_INT, optional: bool = False) -> Optional[int]:
+def _int(obj: dict, key: str, ctx: ErrorContext, path: str, lo: int = 0, hi: int = _MAX_INT, optional: bool = False) -> Optional[int]:
     value = _field(obj, key, int, ctx, path, optional)
     if value is not None and not lo <= value <= hi:
         raise ctx.out_of_range(f"header field {path}.{key} = {value} is outside [{lo}, {hi}]")
     return value
 
 
-def _num(value: Any, ctx: Ctx, path: str) -> float:
+def _num(value: Any, ctx: ErrorContext, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ctx.invalid(f"header field {path} must be a finite number")
     return float(value)
 
 
-def _num_list(obj: dict, key: str, ctx: Ctx, path: str) -> tuple[float, ...]:
+def _num_list(obj: dict, key: str, ctx: ErrorContext, path: str) -> tuple[float, ...]:
     values = _field(obj, key, list, ctx, path)
     return tuple(_num(v, ctx, f"{path}.{key}[{i}]") for i, v in enumerate(values))
 
 
 # ---------------------------------------------------------------- tensors
 
-def parse_tensor(obj: Any, ctx: Ctx, path: str, limits: ReaderLimits) -> TensorDecl:
+def parse_tensor(obj: Any, ctx: ErrorContext, path: str, limits: ReaderLimits) -> TensorDecl:
     """A tensor declaration, with dtype, rank, dims and quantisation checked against the limits."""
     if not isinstance(obj, dict):
         raise ctx.invalid(f"header field {path} must be an object")
@@ -190,7 +190,7 @@ def parse_tensor(obj: Any, ctx: Ctx, path: str, limits: ReaderLimits) -> TensorD
     return decl
 
 
-def check_quant(decl: TensorDecl, ctx: Ctx, path: str) -> None:
+def check_quant(decl: TensorDecl, ctx: ErrorContext, path: str) -> None:
     """Quantisation parameters agree with dtype and shape (writer and reader)."""
     if decl.scale is None:
         if decl.zero_point is not None or decl.axis is not None:
@@ -219,7 +219,7 @@ def tensor_bytes(decl: TensorDecl) -> int:
     return n
 
 
-def _value_tensor(decl: Optional[TensorDecl], ctx: Ctx, path: str, shape: tuple[int, ...]) -> None:
+def _value_tensor(decl: Optional[TensorDecl], ctx: ErrorContext, path: str, shape: tuple[int, ...]) -> None:
     """A tensor of real values: float, or I8/U8 with a scale; of exactly `shape`."""
     if decl is None:
         raise ctx.invalid(f"tensor {path} is missing")
@@ -261,7 +261,7 @@ class SectionEntry:
 
 
 @dataclass
-class Plan:
+class Declaration:
     """What a header declares: everything of a D3File but the tensor data, plus the section table."""
 
     metadata: Metadata
@@ -285,7 +285,7 @@ class Plan:
         return out
 
 
-def plan_of(d3: D3File) -> Plan:
+def plan_of(d3: D3File) -> Declaration:
     """The declarations of an in-memory file (the writer's side of `parse_header`)."""
     p = d3.priors
     priors = {k: TensorDecl.of(s) for k, s in p.tensors().items()}
@@ -308,10 +308,10 @@ def plan_of(d3: D3File) -> Plan:
     budget = d3.budget
     if budget is not None:
         budget = Budget(bytes=budget.bytes, unit=budget.unit, ipc=None if budget.ipc is None else float(budget.ipc), spec=budget.spec)
-    return Plan(metadata, p.kind, priors, decoders, lab.kind, lab.layout, labels, budget, d3.provenance, [])
+    return Declaration(metadata, p.kind, priors, decoders, lab.kind, lab.layout, labels, budget, d3.provenance, [])
 
 
-def header_object(plan: Plan) -> dict[str, Any]:
+def header_object(plan: Declaration) -> dict[str, Any]:
     """The header JSON object of a plan whose `sections` are filled in."""
     m = plan.metadata
     meta: dict[str, Any] = {
@@ -353,7 +353,7 @@ def header_object(plan: Plan) -> dict[str, Any]:
     return head
 
 
-def parse_header(obj: dict[str, Any], ctx: Ctx, limits: ReaderLimits) -> Plan:
+def parse_header(obj: dict[str, Any], ctx: ErrorContext, limits: ReaderLimits) -> Declaration:
     """Declarations of a header JSON object; unknown keys are ignored (newer minor versions)."""
     version = _field(obj, "format_version", list, ctx, "header")
     if len(version) != 2 or version[0] != FORMAT_MAJOR:
@@ -450,12 +450,12 @@ def parse_header(obj: dict[str, Any], ctx: Ctx, limits: ReaderLimits) -> Plan:
             length=_int(s, "length", ctx, path),
             raw_length=_int(s, "raw_length", ctx, path),
         ))
-    plan = Plan(metadata, priors_kind, priors, decoders, labels_kind, labels_layout, labels, budget, provenance, sections)
+    plan = Declaration(metadata, priors_kind, priors, decoders, labels_kind, labels_layout, labels, budget, provenance, sections)
     check_structure(plan, ctx)
     return plan
 
 
-def check_structure(plan: Plan, ctx: Ctx) -> None:
+def check_structure(plan: Declaration, ctx: ErrorContext) -> None:
     """Every declared field and shape is consistent: the checks writer and reader share."""
     m = plan.metadata
     n = m.num_classes

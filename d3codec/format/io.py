@@ -33,8 +33,8 @@ from d3codec.format.errors import (
 from d3codec.format.header import (
     FORMAT_MAJOR,
     FORMAT_MINOR,
-    Ctx,
-    Plan,
+    ErrorContext,
+    Declaration,
     SectionEntry,
     TensorDecl,
     check_quant,
@@ -86,9 +86,9 @@ def _resolve_budget(d3: D3File, budget: BudgetArg) -> D3File:
     return d3.replace(budget=budget)
 
 
-def _writer_plan(d3: D3File) -> tuple[Plan, dict[str, dict[str, Stored]]]:
+def _writer_plan(d3: D3File) -> tuple[Declaration, dict[str, dict[str, Stored]]]:
     """Checked declarations and the stored tensors of each section, in file order."""
-    ctx = Ctx("cannot save", "fix the D3File before saving")
+    ctx = ErrorContext("cannot save", "fix the D3File before saving")
     plan = plan_of(d3)
     for section, decls in plan.section_tensors().items():
         for name, decl in decls.items():
@@ -106,7 +106,7 @@ def _writer_plan(d3: D3File) -> tuple[Plan, dict[str, dict[str, Stored]]]:
     return plan, tensors
 
 
-def _header_bytes(plan: Plan) -> tuple[int, bytes, int]:
+def _header_bytes(plan: Declaration) -> tuple[int, bytes, int]:
     """(codec, stored bytes, raw length) of the header: zstd only when strictly smaller."""
     raw = canonical_json(header_object(plan))
     packed = _zstd.compress(raw, LEVEL_SMALL)
@@ -124,7 +124,7 @@ def _encode(d3: D3File, budget: BudgetArg, compression: str = "auto") -> tuple[l
     try:
         canonical_json(header_object(plan))  # fail before compressing anything
     except (TypeError, ValueError) as exc:
-        raise Ctx("cannot save", "use only JSON values (finite numbers, strings, lists, dicts with string keys)").invalid(
+        raise ErrorContext("cannot save", "use only JSON values (finite numbers, strings, lists, dicts with string keys)").invalid(
             f"metadata, hparams or provenance cannot be written as JSON ({exc})") from None
     payloads = []
     offset = 0
@@ -283,7 +283,7 @@ def loads(data: Union[bytes, bytearray, memoryview], *, limits: ReaderLimits = D
 
 def _decode(buf: Union[bytearray, mmap.mmap], where: str, limits: ReaderLimits) -> D3File:
     fix = "the file is corrupted or was not written by a d3codec writer; re-create it"
-    ctx = Ctx(where, fix)
+    ctx = ErrorContext(where, fix)
     size = len(buf)
     if size == 0:
         raise TruncatedError(f"{where}: file is empty; copy or download it again")
@@ -396,7 +396,7 @@ def _stored(raw: torch.Tensor, decl: TensorDecl) -> Stored:
     return Stored(raw, scale=decl.scale, zero_point=decl.zero_point, axis=decl.axis)
 
 
-def _assemble(plan: Plan, loaded: dict[str, dict[str, Stored]], version: tuple[int, int]) -> D3File:
+def _assemble(plan: Declaration, loaded: dict[str, dict[str, Stored]], version: tuple[int, int]) -> D3File:
     pr = loaded["priors"]
     priors = Priors(kind=plan.priors_kind, mean=pr["mean"], logvar=pr.get("logvar"), factor=pr.get("factor"),
                     cholesky=pr.get("cholesky"), weights=pr.get("weights"))
@@ -412,7 +412,7 @@ def _assemble(plan: Plan, loaded: dict[str, dict[str, Stored]], version: tuple[i
                   provenance=plan.provenance, format_version=version)
 
 
-def _check_content(tensors: dict[str, dict[str, Stored]], plan: Plan, ctx: Ctx) -> None:
+def _check_content(tensors: dict[str, dict[str, Stored]], plan: Declaration, ctx: ErrorContext) -> None:
     """Checks that need tensor values: label indices in range, Cholesky factors lower-triangular,
     mixture weights non-negative. Runs on both sides, after shapes are known to be right."""
     n = plan.metadata.num_classes

@@ -75,7 +75,7 @@ def estimate_parts(zeros: D3File, skip: Sequence[Optional[Stored]] = (),
     Decoder weights and latent codes count as Gaussian values put through the real quantisers and
     the writer's zstd: trained ones compress at least as well (on 11 trained CIFAR-10, MNIST and
     digits files the estimate came out 3.6-13.6% above the real size; RESULTS.md, "Quality,
-    session 6"), and `encode` trims components in a file that comes out over (`distill.fitting`).
+    session 6"), and `encode` trims components in a file that comes out over (`distill.trim`).
     Soft labels and integer tensors count raw; tensors in `skip` (one repeated value) as the zeros
     placeholder has them; tensors in `grid` (latent means `store_priors` puts on its grid of `step`
     prior stds, spread over `spread` prior stds) as `grid_ratio` models them.

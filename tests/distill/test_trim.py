@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d3codec.distill.fitting import fit_components, save_within_budget, trim_components
+from d3codec.distill.trim import fit_components, save_within_budget, trim_components
 from d3codec.format.errors import OverBudgetError
 from d3codec.format.io import encoded_size, load
 from d3codec.format.testing import random_d3
