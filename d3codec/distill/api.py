@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 import torch
 
 from d3codec._version import __version__
-from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, cpu_defaults, default_fit_steps,
-                                    fit_latent_cap, images_per_class)
+from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, budget_latent_cap, cpu_defaults,
+                                       default_fit_steps, fit_latent_cap, images_per_class)
 from d3codec.distill.labels import resolve_labels, store_labels, teacher_probs_of_batches
 from d3codec.distill.planner import Plan, plan_budget, store_decoder_state, store_priors
 from d3codec.errors import ConfigError
@@ -156,8 +156,7 @@ def fit_cap_note(plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptio
     if options.latents_per_class is not None or cfg.init != "real":
         return None
     n, k = len(real.classes), plan.latents_per_class
-    ipc = images_per_class(plan.budget.bytes, n, real.metadata().image_shape)
-    if k != fit_latent_cap(n, real.metadata().image_shape, cfg, ipc) or k >= smallest_class(real):
+    if k != budget_latent_cap(plan.budget.bytes, n, real.metadata().image_shape, cfg) or k >= smallest_class(real):
         return None
     views = cfg.fit_iterations * cfg.fit_batch // max(1, n * k)
     return (f"K={k}: the {cfg.fit_iterations}-step fit shows each of the {n * k:,} targets about {views} times; "

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from d3codec.distill.distiller import mmd_class_count
 from d3codec.progress import format_duration
 
 if TYPE_CHECKING:
@@ -279,18 +280,11 @@ def estimate_memory(probe: Probe, plan: "Plan", cfg: "DistillConfig", classes: i
     # Activations grow with the batch: the encode's batches where the probe's were smaller.
     scale = {"experts": min(probe.expert_batch_full, train_images) / max(1, probe.expert_batch),
              "fit": min(cfg.fit_batch, targets) / max(1, min(cfg.fit_batch, probe.targets)),
-             "mmd": min(cfg.mmd_chunk, mmd_classes(cfg, classes)) / max(1, probe.objective_classes)}
+             "mmd": min(cfg.mmd_chunk, mmd_class_count(cfg, classes)) / max(1, probe.objective_classes)}
     g = {k: int(v * max(1.0, scale.get(k, 1.0))) for k, v in probe.growth.items()}
     if "fit" in g:
         g["fit"] += pca
     return int(probe.rss_before + data + state + max(g.values(), default=0))
-
-
-def mmd_classes(cfg: "DistillConfig", classes: int) -> int:
-    """Classes one objective iteration's MMD update runs on (`DistillConfig.mmd_classes`)."""
-    if "mmd" not in cfg.objective:
-        return 0 if cfg.objective == "mtt" else classes
-    return classes if cfg.mmd_classes <= 0 else min(classes, cfg.mmd_classes)
 
 
 def estimate_single(probe: Probe, plan: "Plan", cfg: "DistillConfig", *, classes: int, train_images: int,
@@ -303,7 +297,7 @@ def estimate_single(probe: Probe, plan: "Plan", cfg: "DistillConfig", *, classes
         "experts": max(0, experts - cached_experts) * epochs * train_images * probe.expert_image,
         "fit": (cfg.fit_iterations * probe.fit_step + targets * probe.fit_start_per_target
                 if cfg.fit_iterations > 0 else 0.0),
-        "objective": cfg.iterations * (probe.objective_fixed + mmd_classes(cfg, classes) * probe.objective_per_class),
+        "objective": cfg.iterations * (probe.objective_fixed + mmd_class_count(cfg, classes) * probe.objective_per_class),
         "labels": targets * probe.label_image if soft_labels else 0.0,
     }
     notes = {"experts": f"{cached_experts} of {experts} experts cached"} if cached_experts else {}

@@ -150,6 +150,17 @@ def fit_latent_cap(num_classes: int, image_shape: Sequence[int], config: Distill
     return max(1, views // (max(1, num_classes) * MIN_FIT_PASSES))
 
 
+def budget_latent_cap(budget_bytes: int, num_classes: int, image_shape: Sequence[int], config: DistillConfig) -> int:
+    """`fit_latent_cap` at the images per class `budget_bytes` holds: the plan's cap on K from the fit."""
+    ipc = images_per_class(budget_bytes, num_classes, image_shape)
+    return fit_latent_cap(num_classes, image_shape, config, ipc)
+
+
+def mmd_class_count(config: DistillConfig, num_classes: int) -> int:
+    """Classes one MMD update runs on: all, or `config.mmd_classes` of them where that is fewer."""
+    return num_classes if config.mmd_classes <= 0 else min(num_classes, config.mmd_classes)
+
+
 def cpu_defaults(objective: str = "mmd") -> DistillConfig:
     """Settings that finish in minutes on a 2-core CPU (the `mmd` objective is the cheap one)."""
     return DistillConfig(objective=objective, iterations=100, samples_per_class=24, real_per_class=24, learn_logvar=False,
@@ -316,8 +327,8 @@ class Distiller:
     def mmd_classes(self) -> list[int]:
         """The classes of this MMD update: all, or `mmd_classes` of them drawn without replacement
         (in order), so an update costs the same at any class count."""
-        m = self.config.mmd_classes
-        if m <= 0 or m >= self.num_classes:
+        m = mmd_class_count(self.config, self.num_classes)
+        if m == self.num_classes:
             return list(range(self.num_classes))
         return sorted(int(c) for c in torch.randperm(self.num_classes, generator=self.generator)[:m])
 

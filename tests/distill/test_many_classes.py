@@ -9,9 +9,9 @@ import torch
 
 from d3codec.data import open_dataset
 from d3codec.distill.api import EncodeOptions, plan_for
-from d3codec.distill.cost import mmd_classes
 from d3codec.distill.distiller import (FIT_PASSES, MAX_FIT_STEPS, MIN_FIT_PASSES, Distiller, cpu_defaults,
-                                    default_fit_steps, fit_latent_cap, images_per_class, max_fit_steps)
+                                      default_fit_steps, fit_latent_cap, images_per_class, max_fit_steps,
+                                      mmd_class_count)
 from d3codec.distill.experts import ensure_experts
 from d3codec.distill.planner import WIDTHS, max_width, plan_budget
 from d3codec.format.budget import parse_budget
@@ -100,7 +100,7 @@ def test_an_mmd_update_draws_at_most_mmd_classes_and_leaves_the_others_alone(tmp
     assert len(chosen) == 4 and set(torch.nonzero(grad).flatten().tolist()) <= set(chosen)
     assert torch.equal(distiller.mean.detach(), before)
     # At or below mmd_classes every class is in every update, and no random draw is spent on it.
-    assert mmd_classes(cfg, 3) == 3 and mmd_classes(cfg, 30) == 4
+    assert mmd_class_count(cfg, 3) == 3 and mmd_class_count(cfg, 30) == 4
     small = Distiller(plan, real.metadata(), real, experts, cfg)
     small.config.mmd_classes = 30
     state = small.generator.get_state()

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 from d3codec._version import __version__
 from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class
-from d3codec.distill.distiller import fit_latent_cap, images_per_class
+from d3codec.distill.distiller import budget_latent_cap
 from d3codec._seed import derive_seed
 from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
                                            subtask_options)
@@ -126,8 +126,7 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
     _, n_ep = options.expert_settings(cfg)
     max_k = smallest_class(dataset)
     if cfg.init == "real":  # the single-task rule: K where the capped fit sees every target often enough
-        ipc = images_per_class(b.bytes, metadata.num_classes, metadata.image_shape)
-        max_k = min(max_k, fit_latent_cap(metadata.num_classes, metadata.image_shape, cfg, ipc))
+        max_k = min(max_k, budget_latent_cap(b.bytes, metadata.num_classes, metadata.image_shape, cfg))
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                         labels=resolve_labels(options.labels, n_ep, len(dataset), ExpertConfig.batch_size),
