@@ -360,7 +360,7 @@ def estimate_cost(dataset: Any, fplan: "FederatedPlan") -> dict[str, float]:
     with single_thread():
         probe = run_probe(real0, fplan.plans[0], cfg, options.device, epochs=epochs0,
                           labels=fplan.teacher is not None)
-    per_iteration = probe.objective_fixed + len(fplan.groups[0]) * probe.objective_per_class
+    per_iteration = probe.objective_fixed + mmd_class_count(cfg, len(fplan.groups[0])) * probe.objective_per_class
     out: dict[str, float] = {"seconds_per_iteration": per_iteration if cfg.iterations else 0.0,
         "seconds_per_fit_step": probe.fit_step, "seconds_per_expert_image": probe.expert_image,
         "probe_seconds": probe.seconds}
