@@ -30,11 +30,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from d3codec.augment import DSA, DSAParams
+from d3codec.distill.checkpoint import optimizer_from_flat, optimizer_to_flat
 from d3codec.distill.mmd import DEFAULT_SIGMAS, mmd2_unbiased
 from d3codec.distill.planner import Plan, store_means, tensor_dtype
 from d3codec.distill.unroll import trajectory_match
 from d3codec.errors import ConfigError
-from d3codec.format.types import Metadata
+from d3codec.format.types import Metadata, Stored
+from d3codec.models.convnet import init_params, param_shapes, unflatten_params
+from d3codec.models.registry import build_decoder, fold_batchnorm
 
 OBJECTIVES = ("mmd", "mtt", "mtt+mmd")
 #: Std of every dimension of the fit's starting latents (PCA codes): 3x the default fit noise, about
@@ -178,13 +182,9 @@ class Distiller:
 
     def __init__(self, plan: Plan, metadata: Metadata, real: Any, experts: Any, config: DistillConfig,
                  device: str | torch.device = "cpu") -> None:
-        from d3codec.models.registry import build_decoder
-
         config.validate()
         self.plan, self.metadata, self.real, self.experts, self.config = plan, metadata, real, experts, config
         self.device = torch.device(device)
-        from d3codec.augment import DSA
-
         self.augment = DSA() if config.augment else None
         self.num_classes = len(real.classes)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -265,8 +265,6 @@ class Distiller:
         gets slot `syn_slot[i]`, image j of `real` slot `real_slot[j]` (Siamese pairs share one)."""
         if self.augment is None:
             return syn, real
-        from d3codec.augment import DSAParams
-
         template = syn.new_empty((slots, *syn.shape[1:]))
         params = self.augment.sample(template, torch.Generator().manual_seed(self._seed()))
 
@@ -462,8 +460,6 @@ class Distiller:
     def freeze(self) -> None:
         """Calibrate BatchNorm statistics on a large draw of the priors, fold them into the
         convolutions and go on with that decoder: the architecture and weights the file stores."""
-        from d3codec.models.registry import fold_batchnorm
-
         for m in self.decoder.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
@@ -482,8 +478,6 @@ class Distiller:
 
     def _use_folded(self, state: dict[str, torch.Tensor]) -> None:
         """Swap in the stored-form decoder (no BatchNorm) with `state`; a fresh Adam for it."""
-        from d3codec.models.registry import build_decoder
-
         folded = build_decoder(self.plan.family, self.plan.version, self.plan.hparams)
         folded.load_state_dict(state)
         self.decoder = folded.to(self.device).eval()
@@ -492,8 +486,6 @@ class Distiller:
     # ---------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything `load_state` needs to continue identically: tensors and JSON."""
-        from d3codec.distill.checkpoint import optimizer_to_flat
-
         tensors = {"mean": self.mean.detach(), "logvar": self.logvar.detach(), "syn_lr": self.syn_lr.detach(),
                    "rng": self.generator.get_state()}
         tensors.update({f"decoder.{k}": v.detach() for k, v in self.decoder.state_dict().items()})
@@ -507,8 +499,6 @@ class Distiller:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        from d3codec.distill.checkpoint import optimizer_from_flat
-
         with torch.no_grad():
             self.mean.copy_(tensors["mean"])
             self.logvar.copy_(tensors["logvar"])
@@ -546,8 +536,6 @@ class Distiller:
 
 def _fake_quant(w: torch.Tensor, weight_dtype: str) -> torch.Tensor:
     """Quantise-dequantise `w` as storage will (straight-through gradient)."""
-    from d3codec.format.types import Stored
-
     if not w.is_floating_point():
         return w
     dtype, axis = tensor_dtype(tuple(w.shape), weight_dtype)
@@ -558,8 +546,6 @@ def _fake_quant(w: torch.Tensor, weight_dtype: str) -> torch.Tensor:
 
 
 def _named(net: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    from d3codec.models.convnet import param_shapes, unflatten_params
-
     return unflatten_params(flat, param_shapes(net))
 
 
@@ -576,6 +562,4 @@ class _FeatureView(nn.Module):
 
 def _init_module(module: nn.Module, generator: torch.Generator) -> None:
     """Seeded default init of every conv/linear/norm layer."""
-    from d3codec.models.convnet import init_params
-
     init_params(module, generator)
