@@ -3,9 +3,9 @@
 Every command turns a `D3Error` into one line on stderr (`error: ...`) and exit status 1;
 usage errors exit 2 (click); Ctrl-C exits 130. No traceback reaches the user for bad input.
 
-Commands import the library inside their bodies (lazily): the library loads torch, and
-`d3codec --help`, `--version` and usage errors should answer without it. Only torch-free
-modules are imported at the top.
+Commands import the library (and numpy) inside their bodies: the library loads torch, and
+`d3codec --help`, `--version` and usage errors answer without torch or numpy. Only modules free
+of both are imported at the top.
 """
 from __future__ import annotations
 
