@@ -2,17 +2,23 @@
 
 Every command turns a `D3Error` into one line on stderr (`error: ...`) and exit status 1;
 usage errors exit 2 (click); Ctrl-C exits 130. No traceback reaches the user for bad input.
+
+Commands import the library (and numpy) inside their bodies: the library loads torch, and
+`d3codec --help`, `--version` and usage errors answer without torch or numpy. Only modules free
+of both are imported at the top.
 """
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Optional
 
 import click
 
 from d3codec._malloc import keep_freed_memory
+from d3codec._paths import check_output_file
 from d3codec._version import __version__
-from d3codec.errors import D3Error
+from d3codec.errors import ConfigError, D3Error
 
 
 class _Group(click.Group):
@@ -74,8 +80,6 @@ _device_option = click.option(
 def info_cmd(file: str, as_json: bool) -> None:
     """Summarise a .d3 file: dataset, priors, decoders, labels, budget, and a byte breakdown
     whose parts add up exactly to the file size."""
-    import json
-
     from d3codec.format.io import load
     from d3codec.format.summary import describe, render
 
@@ -120,8 +124,6 @@ def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
     """`0,1,2` or `0-4` or `0-4,7` -> class ids."""
     if not text:
         return None
-    from d3codec.errors import ConfigError
-
     out: list[int] = []
     try:
         for part in text.split(","):
@@ -185,8 +187,6 @@ def experts_cmd(dataset: str, data_dir: Optional[str], resolution: Optional[int]
     """Train ConvNet experts on DATASET's train split and save every epoch's parameters
     (the trajectories distillation matches). Cached by data, classes and settings; an
     interrupted run resumes. Reports each expert's accuracy on the test split."""
-    import json
-
     import numpy as np
 
     from d3codec.distill.experts import ensure_experts
@@ -243,7 +243,6 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
     """Train fresh networks only on FILE (a .d3) and report final top-1 accuracy on the real
     test split (mean, std over runs) beside storage and compute; or, with --baseline, the same
     for random real images that fit in --budget bytes (uint8, PNG, JPEG or WebP)."""
-    from d3codec.errors import ConfigError
     from d3codec.evaluate import Recipe, evaluate_baseline, evaluate_file, render, to_json
 
     recipe = Recipe(model=model, epochs=epochs, steps=steps, runs=runs, lr=lr, batch_size=batch_size,
@@ -339,7 +338,6 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
     torch version, CPU capability and --threads (also those of cached experts it reuses); `d3codec info`
     shows what a file was encoded with."""
     from d3codec.distill.api import EncodeOptions, encode
-    from d3codec.errors import ConfigError
     from d3codec.format.budget import check_budget
 
     if not dry_run and not output:
@@ -381,7 +379,6 @@ def _encode_federated(spec: str, train: Any, budget: str, output: Optional[str],
     """`encode --subtasks K`: serially, with --nproc local processes, or as this torchrun rank."""
     from d3codec.distill.federated import encode_federated
     from d3codec.distill.merge import DataSpec
-    from d3codec.errors import ConfigError
 
     if subtasks is None:
         raise ConfigError("--subtask, --split and --nproc go with --subtasks N; add --subtasks")
@@ -413,12 +410,8 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
     over its share of the budget."""
     from d3codec.distill.merge import DataSpec, merge_parts
 
-    from d3codec.errors import ConfigError
-
     if not spec and (data_dir or resolution or cache_dir):
         raise ConfigError("--data-dir, --resolution and --cache-dir describe --dataset; give --dataset too")
-    from d3codec._paths import check_output_file
-
     check_output_file(output, inputs=parts)
     data = DataSpec.of(spec, data_dir, resolution, False, cache_dir) if spec else None
     merge_parts(list(parts), output, data=data, device=device, quiet=quiet)
@@ -442,7 +435,6 @@ def sample_cmd(file: str, num: int, output: str, classes_spec: Optional[str], se
                device: str) -> None:
     """Write a grid of FILE's images: one row per class, the mean image first, then N samples.
     The grid is at most 49 megapixels."""
-    from d3codec._paths import check_output_file
     from d3codec.decode.grid import check_grid_size, image_format, sample_grid, save_image
     from d3codec.format.io import load
 

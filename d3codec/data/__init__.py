@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from d3codec.data.cache import default_cache_dir
+from d3codec.data.cache import default_cache_dir, open_or_build
 from d3codec.data.dataset import ImageDataset, normalize_uint8
-from d3codec.data.sources import BUILTINS, IMAGE_EXTENSIONS
+from d3codec.data.sources import BUILTINS, IMAGE_EXTENSIONS, resolve_source
 from d3codec.data.split import HOLDOUT_FRACTION
+from d3codec.errors import DatasetError
 
 __all__ = ["open_dataset", "ImageDataset", "normalize_uint8", "default_cache_dir", "BUILTINS",
            "IMAGE_EXTENSIONS", "HOLDOUT_FRACTION"]
@@ -32,10 +33,6 @@ def open_dataset(spec: str, *, data_dir: Optional[str] = None, split: str = "tra
     `skip_bad_images`. `cache_dir` defaults to `$D3CODEC_CACHE` or `~/.cache/d3codec`;
     `workers` is the number of decoding processes (default: CPU count, at most 8).
     """
-    from d3codec.data.cache import open_or_build
-    from d3codec.data.sources import resolve_source
-    from d3codec.errors import DatasetError
-
     if split not in ("train", "test"):
         raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
     source = resolve_source(spec, data_dir)

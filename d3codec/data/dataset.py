@@ -9,17 +9,14 @@ pixel space). `subset(classes)` is a view of the same cache; its labels are rema
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import torch
 
 from d3codec.data.cache import CacheEntry
 from d3codec.errors import DatasetError
-
-if TYPE_CHECKING:  # torch is imported lazily: cache-building workers never need it
-    import torch
-
-    from d3codec.format.types import Metadata
+from d3codec.format.types import Metadata
 
 
 class ImageDataset:
@@ -125,10 +122,8 @@ class ImageDataset:
         return (f"ImageDataset({self.name!r}, split={self.split!r}, images={len(self)}, "
                 f"classes={self.num_classes}, shape={self.image_shape})")
 
-    def metadata(self) -> "Metadata":
+    def metadata(self) -> Metadata:
         """The `.d3` metadata describing these images (name, classes, shape, normalisation)."""
-        from d3codec.format.types import Metadata
-
         return Metadata(name=self.name, num_classes=self.num_classes, class_names=list(self.class_names),
                         image_shape=self.image_shape, mean=self.mean, std=self.std,
                         fingerprint=self.fingerprint)
@@ -173,15 +168,11 @@ class ImageDataset:
 
     def label_tensor(self, indices: Sequence[int] | np.ndarray, device: "torch.device | str" = "cpu") -> "torch.Tensor":
         """int64 labels [n] at `indices`, on `device`."""
-        import torch
-
         return torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)]).to(device)
 
     def batches(self, batch_size: int, *, generator: "torch.Generator", device: "torch.device | str" = "cpu",
                 shuffle: bool = True) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
         """One epoch of (images, labels) batches; the order is drawn from `generator`."""
-        import torch
-
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
         for s in range(0, n, batch_size):
@@ -192,8 +183,6 @@ class ImageDataset:
 def normalize_uint8(images: np.ndarray, mean: Sequence[float], std: Sequence[float],
                     device: "torch.device | str" = "cpu") -> "torch.Tensor":
     """uint8 (n, H, W, C) -> float32 [n, C, H, W] `(p/255 - mean) / std` on `device`."""
-    import torch
-
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)

@@ -7,6 +7,7 @@ read with an unpickler that only builds plain containers and numpy arrays, never
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -134,8 +135,6 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def file_digest(path: str) -> bytes:
     """blake2b of a file's bytes (for fingerprints of array sources)."""
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -10,20 +10,28 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from d3codec._paths import check_output_file
 from d3codec._version import __version__
+from d3codec.decode.decoders import check_device
+from d3codec.distill.checkpoint import checkpoint_iteration
+from d3codec.distill.cost import Estimate, cached_experts, estimate_single, render_actual, render_single, run_probe
 from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, budget_latent_cap, cpu_defaults,
                                        default_fit_steps, fit_latent_cap, images_per_class)
+from d3codec.distill.experts import ExpertConfig, ensure_experts
 from d3codec.distill.labels import resolve_labels, store_labels, teacher_probs_of_batches
+from d3codec.distill.loop import run_loop
+from d3codec.distill.paper import compare_with_paper
 from d3codec.distill.planner import Plan, plan_budget, store_decoder_state, store_priors
+from d3codec.distill.trim import save_within_budget
 from d3codec.errors import ConfigError
+from d3codec.format.budget import parse_budget
+from d3codec.format.io import load
 from d3codec.format.types import Budget, D3File, DecoderEntry
-
-if TYPE_CHECKING:
-    from d3codec.distill.cost import Estimate
+from d3codec.models.registry import export_state
 
 Log = Callable[[str], None]
 
@@ -84,15 +92,11 @@ def check_output(output: Optional[str], *, inputs: Sequence[Optional[str]] = (),
     """Before any training: refuse a missing -o, an output that is a folder, sits in a missing or
     unwritable folder, or would replace an input; and (when `resume` is given) an interrupted run's
     checkpoint `<output>.ckpt` that a run without --resume would throw away."""
-    from d3codec._paths import check_output_file
-
     if output is None:
         raise ConfigError("give an output file with -o/--output (or use --dry-run)")
     check_output_file(output, inputs)
     ckpt = output + ".ckpt"
     if resume is False and os.path.exists(ckpt):
-        from d3codec.distill.checkpoint import checkpoint_iteration
-
         at = checkpoint_iteration(ckpt)
         where = f" (stopped at iteration {at})" if at is not None else ""
         raise ConfigError(f"{ckpt} holds an interrupted encode{where}; add --resume to continue it, "
@@ -167,8 +171,6 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
              max_latents: Optional[int] = None) -> tuple[Plan, DistillConfig, Any, dict[str, Any]]:
     """Resolve classes, budget and settings: the plan, the loop config, the class view, the provenance.
     K is at most `max_latents` (default: the smallest class's images)."""
-    from d3codec.format.budget import parse_budget
-
     all_classes = list(dataset.classes)
     classes = all_classes if options.classes is None else [int(c) for c in options.classes]
     real = dataset if options.classes is None else dataset.subset(classes)
@@ -179,8 +181,6 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         b = parse_budget(budget, metadata.num_classes, metadata.image_shape)
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
-    from d3codec.distill.experts import ExpertConfig
-
     labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
     max_k = smallest_class(real) if max_latents is None else max_latents
     ipc = images_per_class(b.bytes, len(classes), metadata.image_shape)
@@ -211,8 +211,6 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     """
     options = options or EncodeOptions()
     say: Log = log or (lambda s: None if options.quiet else print(s, file=sys.stderr))
-    from d3codec.decode.decoders import check_device
-
     check_device(options.device)
     plan, cfg, real, prov = plan_for(dataset, budget, options)
     note = capped_k_warning(dataset, budget, options, real, plan)
@@ -222,8 +220,6 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     why = fit_cap_note(plan, cfg, real, options)
     if why:
         say(why)
-    from d3codec.distill.paper import compare_with_paper
-
     paper = compare_with_paper(plan.budget, len(real.classes), tuple(real.image_shape), [plan], [len(real.classes)],
                                plan.labels, plan.bound, plan.guaranteed)
     if paper:
@@ -232,16 +228,12 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
         f"{cfg.iterations} iterations; seed {cfg.seed}, device {options.device}")
     if not options.dry_run:
         check_output(output, resume=options.resume)
-    from d3codec.distill.cost import render_actual, render_single
-
     estimate = None if options.quiet else estimate_encode(dataset, plan, cfg, real, options)
     if estimate is not None:
         say(render_single(estimate))
     if options.dry_run:
         return plan
     torch.manual_seed(cfg.seed)  # nothing should use the global RNG; this pins anything that does
-
-    from d3codec.distill.experts import ensure_experts
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -253,16 +245,11 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
                              progress=not options.quiet)
     seconds["experts"] = time.perf_counter() - started
     distiller = Distiller(plan, real.metadata(), real, experts, cfg, device=options.device)
-    from d3codec.distill.loop import run_loop
-
     run_loop(distiller, output + ".ckpt", plan, resume=options.resume,
              checkpoint_every=options.checkpoint_every, quiet=options.quiet, seconds=seconds)
     started = time.perf_counter()
     d3 = export(distiller, plan, real, experts, prov, device=options.device)
     seconds["labels"] = time.perf_counter() - started  # with the decoder's fold into its stored form
-    from d3codec.distill.trim import save_within_budget
-    from d3codec.format.io import load
-
     started = time.perf_counter()
     size, _ = save_within_budget(d3, output, plan.budget, say)
     try:
@@ -275,11 +262,9 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     return load(output)
 
 
-def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptions) -> "Estimate":
+def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, options: EncodeOptions) -> Estimate:
     """The `cost.Estimate` of this encode on this machine, from a short timed probe of `real`
     with the plan's decoder and settings (experts already in the cache count 0 s)."""
-    from d3codec.distill.cost import cached_experts, estimate_single, run_probe
-
     n_exp, n_ep = options.expert_settings(cfg, len(real))
     classes = None if options.classes is None else list(real.classes)
     soft = plan.labels.kind != "hard"
@@ -294,8 +279,6 @@ def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, opt
 def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance: dict[str, Any],
            device: str = "cpu") -> D3File:
     """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes."""
-    from d3codec.models.registry import export_state
-
     distiller.freeze_if_needed()  # the folded, stored-form decoder from here on
     if plan.labels.kind == "hard":
         labels = store_labels(torch.zeros(0), plan.labels)

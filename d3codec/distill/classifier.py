@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d3codec.augment import DSA
 from d3codec.progress import Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -36,8 +37,6 @@ class TrainResult:
 
 def default_augment() -> Augment:
     """The DSA of the literature (`d3codec.augment.DSA`, color_crop_cutout_flip_scale_rotate)."""
-    from d3codec.augment import DSA
-
     return DSA()
 
 

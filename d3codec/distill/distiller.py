@@ -18,7 +18,9 @@ The decoder's BatchNorm uses batch statistics while it trains; for the final pha
 of the iterations) its statistics are calibrated over a large draw of the priors and folded into the
 convolutions (the `norm="none"` decoder the file stores), and its weights and the latent means are
 fake-quantised to their storage form (quantisation-aware training), so what the last iterations
-optimise is exactly what the file stores and decoding never depends on batch-mates. Every random draw comes from one `torch.Generator`, checkpointed with the state.
+optimise is exactly what the file stores and decoding never depends on batch-mates. Every random
+draw comes from one `torch.Generator`, checkpointed with the state; the losses themselves are the
+functions of `objectives.py`.
 """
 from __future__ import annotations
 
@@ -30,11 +32,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from d3codec.distill.mmd import DEFAULT_SIGMAS, mmd2_unbiased
+from d3codec.augment import DSA, DSAParams
+from d3codec.distill.checkpoint import optimizer_from_flat, optimizer_to_flat
+from d3codec.distill.objectives import FeatureView, feature_mmd, feature_params, trajectory_loss
 from d3codec.distill.planner import Plan, store_means, tensor_dtype
-from d3codec.distill.unroll import trajectory_match
 from d3codec.errors import ConfigError
-from d3codec.format.types import Metadata
+from d3codec.format.types import Metadata, Stored
+from d3codec.models.convnet import init_params
+from d3codec.models.registry import build_decoder, fold_batchnorm
 
 OBJECTIVES = ("mmd", "mtt", "mtt+mmd")
 #: Std of every dimension of the fit's starting latents (PCA codes): 3x the default fit noise, about
@@ -178,13 +183,9 @@ class Distiller:
 
     def __init__(self, plan: Plan, metadata: Metadata, real: Any, experts: Any, config: DistillConfig,
                  device: str | torch.device = "cpu") -> None:
-        from d3codec.models.registry import build_decoder
-
         config.validate()
         self.plan, self.metadata, self.real, self.experts, self.config = plan, metadata, real, experts, config
         self.device = torch.device(device)
-        from d3codec.augment import DSA
-
         self.augment = DSA() if config.augment else None
         self.num_classes = len(real.classes)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -209,7 +210,7 @@ class Distiller:
         self._pix = (pix_mean, pix_std)
         self._real_index = [torch.from_numpy(real.indices_of_class(c)) for c in range(n)]
         self.net = experts.build_model().to(self.device)
-        self._features = _FeatureView(self.net)
+        self._features = FeatureView(self.net)
         self._flat_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     # ---------------------------------------------------------------- decoding
@@ -265,8 +266,6 @@ class Distiller:
         gets slot `syn_slot[i]`, image j of `real` slot `real_slot[j]` (Siamese pairs share one)."""
         if self.augment is None:
             return syn, real
-        from d3codec.augment import DSAParams
-
         template = syn.new_empty((slots, *syn.shape[1:]))
         params = self.augment.sample(template, torch.Generator().manual_seed(self._seed()))
 
@@ -291,8 +290,7 @@ class Distiller:
         """
         cfg = self.config
         e = int(torch.randint(self.experts.num_experts, (1,), generator=self.generator))
-        flat = self._expert(e, self.experts.num_epochs)
-        feat_params = {f"net.{k}": v for k, v in _named(self.net, flat).items()}
+        feat_params = feature_params(self.net, self._expert(e, self.experts.num_epochs))
         s = cfg.samples_per_class
         total = 0.0
         drawn = self.mmd_classes()
@@ -310,15 +308,7 @@ class Distiller:
             syn_slot = torch.cat([i * width + torch.arange(s) for i in range(len(chunk))])
             real_slot = torch.cat([i * width + torch.arange(k) for i, k in enumerate(counts)])
             syn, real = self._siamese(syn, real, len(chunk) * width, syn_slot, real_slot)
-            fs = functional_call(self._features, feat_params, (syn,))
-            with torch.no_grad():
-                fr = functional_call(self._features, feat_params, (real,))
-            loss = syn.new_zeros(())
-            start = 0
-            for i, k in enumerate(counts):
-                if k >= 2:
-                    loss = loss + mmd2_unbiased(fs[i * s:(i + 1) * s], fr[start:start + k], DEFAULT_SIGMAS)
-                start += k
+            loss = feature_mmd(self._features, feat_params, syn, real, s, counts)
             if loss.requires_grad:  # a chunk whose classes all hold under 2 real images adds nothing
                 (loss * cfg.mmd_weight).backward()
             total += float(loss.detach()) * cfg.mmd_weight
@@ -349,15 +339,8 @@ class Distiller:
         total = leaf.shape[0]
         batches = [torch.randperm(total, generator=self.generator)[:cfg.unroll_batch] for _ in range(cfg.syn_steps)]
         seeds = [self._seed() for _ in range(cfg.syn_steps)]
-        net = self.net
-
-        def step_loss(w: torch.Tensor, i: int) -> torch.Tensor:
-            idx = batches[i]
-            x = self._aug(leaf[idx], seeds[i])
-            logits = functional_call(net, _named(net, w), (x,))
-            return nn.functional.cross_entropy(logits, labels[idx])
-
-        res = trajectory_match(step_loss, [leaf], start, target, self.syn_lr, cfg.syn_steps, cfg.unroll)
+        res = trajectory_loss(self.net, leaf, labels, start, target, self.syn_lr, batches, augment=self._aug,
+                              seeds=seeds, method=cfg.unroll)
         images.backward(leaf.grad)
         self.syn_lr.grad = res.lr_grad.reshape(()).clone()
         return res.loss
@@ -462,8 +445,6 @@ class Distiller:
     def freeze(self) -> None:
         """Calibrate BatchNorm statistics on a large draw of the priors, fold them into the
         convolutions and go on with that decoder: the architecture and weights the file stores."""
-        from d3codec.models.registry import fold_batchnorm
-
         for m in self.decoder.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
@@ -482,8 +463,6 @@ class Distiller:
 
     def _use_folded(self, state: dict[str, torch.Tensor]) -> None:
         """Swap in the stored-form decoder (no BatchNorm) with `state`; a fresh Adam for it."""
-        from d3codec.models.registry import build_decoder
-
         folded = build_decoder(self.plan.family, self.plan.version, self.plan.hparams)
         folded.load_state_dict(state)
         self.decoder = folded.to(self.device).eval()
@@ -492,8 +471,6 @@ class Distiller:
     # ---------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything `load_state` needs to continue identically: tensors and JSON."""
-        from d3codec.distill.checkpoint import optimizer_to_flat
-
         tensors = {"mean": self.mean.detach(), "logvar": self.logvar.detach(), "syn_lr": self.syn_lr.detach(),
                    "rng": self.generator.get_state()}
         tensors.update({f"decoder.{k}": v.detach() for k, v in self.decoder.state_dict().items()})
@@ -507,8 +484,6 @@ class Distiller:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        from d3codec.distill.checkpoint import optimizer_from_flat
-
         with torch.no_grad():
             self.mean.copy_(tensors["mean"])
             self.logvar.copy_(tensors["logvar"])
@@ -546,8 +521,6 @@ class Distiller:
 
 def _fake_quant(w: torch.Tensor, weight_dtype: str) -> torch.Tensor:
     """Quantise-dequantise `w` as storage will (straight-through gradient)."""
-    from d3codec.format.types import Stored
-
     if not w.is_floating_point():
         return w
     dtype, axis = tensor_dtype(tuple(w.shape), weight_dtype)
@@ -557,25 +530,6 @@ def _fake_quant(w: torch.Tensor, weight_dtype: str) -> torch.Tensor:
     return w + (q - w).detach()
 
 
-def _named(net: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    from d3codec.models.convnet import param_shapes, unflatten_params
-
-    return unflatten_params(flat, param_shapes(net))
-
-
-class _FeatureView(nn.Module):
-    """Wraps a network so that `forward` is its `features` (for functional_call)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.features(x)
-
-
 def _init_module(module: nn.Module, generator: torch.Generator) -> None:
     """Seeded default init of every conv/linear/norm layer."""
-    from d3codec.models.convnet import init_params
-
     init_params(module, generator)

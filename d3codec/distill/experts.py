@@ -33,6 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from d3codec._seed import derive_seed
+from d3codec.data import default_cache_dir
+from d3codec.decode.decoders import check_device
 from d3codec.distill.classifier import default_augment, evaluate_accuracy, train_classifier
 from d3codec.errors import ConfigError
 from d3codec.format.atomic import atomic_path, write_atomic
@@ -177,8 +179,6 @@ def experts_key(fingerprint: str, classes: Sequence[int], image_shape: Sequence[
 
 
 def default_experts_dir(cache_dir: Optional[str] = None) -> str:
-    from d3codec.data import default_cache_dir
-
     return os.path.join(cache_dir or default_cache_dir(), "experts")
 
 
@@ -213,8 +213,6 @@ def train_experts(dataset: Any, indices: Iterable[int], config: ExpertConfig, *,
     this call trained. An expert depends on its index alone, never on who trains it, so ranks that
     share a subtask each train theirs into the same folder (every write is atomic)."""
     config.validate()
-    from d3codec.decode.decoders import check_device
-
     check_device(device)
     chosen = list(dataset.classes) if classes is None else [int(c) for c in classes]
     train = dataset if classes is None else dataset.subset(chosen)
@@ -251,7 +249,7 @@ def _exclusive(path: str, what: str, progress: bool) -> Iterator[None]:
     encodes started together train a shared expert once instead of racing on its partial files.
     Without `fcntl` (Windows) there is no lock and concurrent encodes must not share a cache."""
     try:
-        import fcntl
+        import fcntl  # local: POSIX only, absent on Windows
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return

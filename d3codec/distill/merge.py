@@ -20,9 +20,14 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from d3codec.data import open_dataset
+from d3codec.decode.decoders import mean_image_batches
+from d3codec.distill.experts import ensure_experts
 from d3codec.distill.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs_of_batches
 from d3codec.distill.planner import Plan, decoder_shapes, store_decoder_state, store_priors
+from d3codec.distill.trim import save_within_budget
 from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.io import load
 from d3codec.format.types import PRIOR_TENSORS, Budget, D3File, DecoderEntry, Labels, Metadata, Priors, Stored
 
 Log = Callable[[str], None]
@@ -86,8 +91,6 @@ class DataSpec:
                         os.path.abspath(cache_dir) if cache_dir else None)
 
     def open(self, split: str = "train", progress: bool = False) -> Any:
-        from d3codec.data import open_dataset
-
         return open_dataset(self.spec, data_dir=self.data_dir, split=split, resolution=self.resolution,
                             skip_bad_images=self.skip_bad_images, cache_dir=self.cache_dir, progress=progress)
 
@@ -177,8 +180,6 @@ class _Part:
 
 
 def _read_parts(paths: Sequence[str]) -> list[_Part]:
-    from d3codec.format.io import load
-
     if not paths:
         raise ConfigError("give the part files to merge, e.g. d3codec merge part-*.d3 -o out.d3")
     parts = []
@@ -253,8 +254,6 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
                   device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False) -> Labels:
     """Soft labels over all classes: a teacher trained on the whole dataset (cached by the experts
     API, trained now if missing) applied to every component's mean image."""
-    from d3codec.distill.experts import ensure_experts
-
     if dataset.fingerprint != d3.metadata.fingerprint:
         raise FingerprintMismatchError(f"dataset {dataset.name} (fingerprint {dataset.fingerprint}) is not the one the "
                                        f"parts were encoded from ({d3.metadata.fingerprint}); pass the original data "
@@ -264,8 +263,6 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
                              progress=progress)
     teacher = experts.teacher(device=device)
     # The teacher sees what it was trained on: the file's normalised space (not [0, 1] pixels).
-    from d3codec.decode.decoders import mean_image_batches
-
     batches = mean_image_batches(d3, device, space="normalized", batch_size=512)
     probs = teacher_probs_of_batches(teacher, batches, d3.priors.num_classes, d3.priors.latents_per_class)
     return store_labels(probs, storage)
@@ -288,9 +285,6 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
     Soft labels need the data (for the teacher): `dataset` (an `ImageDataset`), else `data`, else
     the reference the parts recorded. Refuses misfit parts with a `PartError` subclass.
     """
-    from d3codec.distill.trim import save_within_budget
-    from d3codec.format.io import load
-
     say: Log = log or (lambda s: None if quiet else print(s, file=sys.stderr))
     parts = _read_parts(paths)
     check_parts(parts)

@@ -55,3 +55,19 @@ def classwise_mmd(syn_feats: torch.Tensor, syn_labels: torch.Tensor, real_feats:
         if xs.shape[0] >= 2 and ys.shape[0] >= 2:
             total = total + mmd2_unbiased(xs, ys, sigmas)
     return total
+
+
+def grouped_mmd(syn_feats: torch.Tensor, real_feats: torch.Tensor, per_class: int, real_counts: Sequence[int],
+                sigmas: Sequence[float] = DEFAULT_SIGMAS) -> torch.Tensor:
+    """Sum over a batch's classes of `mmd2_unbiased` between class i's synthetic features (rows
+    `i * per_class` to `(i + 1) * per_class` of `syn_feats`) and its real ones (the next
+    `real_counts[i]` rows of `real_feats`, classes in order). A class with under 2 real rows adds
+    nothing; with none left the sum is a constant zero (no gradient)."""
+    total = syn_feats.new_zeros(())
+    start = 0
+    for i, k in enumerate(real_counts):
+        if k >= 2:
+            total = total + mmd2_unbiased(syn_feats[i * per_class:(i + 1) * per_class], real_feats[start:start + k],
+                                          sigmas)
+        start += k
+    return total

@@ -8,13 +8,11 @@ class of float32 pixels), so its totals compare with a plan's bytes at 4 bytes p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
+from d3codec.distill.labels import LabelStorage
+from d3codec.distill.planner import Plan
 from d3codec.format.types import Budget
-
-if TYPE_CHECKING:
-    from d3codec.distill.labels import LabelStorage
-    from d3codec.distill.planner import Plan
 
 #: The dataset and image shape the paper's figures are for.
 PAPER_CLASSES, PAPER_SHAPE = 1000, (3, 64, 64)
@@ -54,15 +52,15 @@ def paper_config(num_classes: int, budget: Budget) -> Optional[PaperConfig]:
     return IMAGENET_64.get(int(budget.ipc)) if float(budget.ipc).is_integer() else None
 
 
-def _decoders(plans: Sequence["Plan"]) -> str:
+def _decoders(plans: Sequence[Plan]) -> str:
     """`small width 512 (788,611 params, I8)`, or each distinct decoder when the parts differ."""
     seen = dict.fromkeys(f"{p.family} width {p.hparams.get('width')} ({p.num_params:,} params, {p.weight_dtype})"
                          for p in plans)
     return " / ".join(seen)
 
 
-def compare_with_paper(budget: Budget, num_classes: int, image_shape: Sequence[int], plans: Sequence["Plan"],
-                       groups: Sequence[int], labels: "LabelStorage", bound: int, guaranteed: bool) -> Optional[str]:
+def compare_with_paper(budget: Budget, num_classes: int, image_shape: Sequence[int], plans: Sequence[Plan],
+                       groups: Sequence[int], labels: LabelStorage, bound: int, guaranteed: bool) -> Optional[str]:
     """Two lines (three when the images are not 64x64): the paper's configuration at this budget and
     this plan in the same terms (`groups`: classes per subtask, one entry for a single task); None
     when the paper has no configuration for this budget."""

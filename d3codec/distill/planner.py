@@ -30,6 +30,7 @@ from d3codec.format.size import MODEL_SAMPLE as _MODEL_SAMPLE
 from d3codec.format.size import constant_prior_std, raw_parts
 from d3codec.format.types import DTYPE_BYTES as _DTYPE_BYTES
 from d3codec.format.types import Budget, D3File, DecoderEntry, Metadata, Priors, Stored
+from d3codec.models.registry import build_decoder, export_state
 
 #: Decoder widths (channels of the first feature map) the planner tries, widest first.
 WIDTHS: tuple[int, ...] = (512, 480, 448, 416, 384, 352, 320, 288, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 36, 32, 28, 24, 20, 16, 12, 10, 8, 6, 4)
@@ -112,8 +113,6 @@ def decoder_hparams(metadata: Metadata, width: int, latent_dim: int, norm: str =
 def file_hparams(family: str, version: int, train_hparams: dict[str, Any]) -> dict[str, Any]:
     """Hyper-parameters the file stores: the trained decoder's, resolved, with its BatchNorm folded
     into the convolutions (`norm="none"`, as `models.registry.fold_batchnorm` exports it)."""
-    from d3codec.models.registry import build_decoder
-
     with torch.device("meta"):
         module = build_decoder(family, version, train_hparams)
     hp = dict(getattr(module, "hparams", train_hparams))
@@ -124,8 +123,6 @@ def file_hparams(family: str, version: int, train_hparams: dict[str, Any]) -> di
 
 def decoder_shapes(family: str, version: int, hparams: dict[str, Any]) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Names, shapes and dtypes of the stored (exported) state of a decoder, built without memory."""
-    from d3codec.models.registry import build_decoder, export_state
-
     with torch.device("meta"):
         module = build_decoder(family, version, hparams)
     return {k: (v.shape, v.dtype) for k, v in export_state(module).items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Union
 
+from d3codec.data import open_dataset
 from d3codec.distill.api import EncodeOptions, encode as _encode, plan_for
 from d3codec.distill.planner import Plan
 from d3codec.errors import ConfigError
@@ -27,8 +28,6 @@ def _split(dataset: Any, options: dict[str, Any]) -> tuple[Any, EncodeOptions]:
                           f"{', '.join(sorted(_FIELDS | set(_DATA_OPTIONS)))}")
     data = {k: options.pop(k) for k in _DATA_OPTIONS if k in options}
     if isinstance(dataset, str):
-        from d3codec.data import open_dataset
-
         dataset = open_dataset(dataset, split="train", cache_dir=options.get("cache_dir"),
                                progress=not options.get("quiet", False), **data)
     elif data:

@@ -20,6 +20,7 @@ from d3codec.distill.classifier import (TrainResult, default_augment, evaluate_a
                                       train_classifier)
 from d3codec.errors import ConfigError
 from d3codec.models.convnet import ConvNet, init_params
+from d3codec.models.resnet import ResNet18
 
 MODELS = ("convnet", "resnet18")
 
@@ -82,8 +83,6 @@ def build_model(name: str, image_shape: Sequence[int], num_classes: int, generat
     if name == "convnet":
         model: nn.Module = ConvNet(c, num_classes, (h, w))
     elif name == "resnet18":
-        from d3codec.models.resnet import ResNet18
-
         model = ResNet18(c, num_classes)
     else:
         raise ConfigError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")

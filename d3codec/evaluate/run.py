@@ -6,11 +6,14 @@ from typing import Any, Optional, Union
 
 import torch
 
+from d3codec.data.dataset import normalize_uint8
+from d3codec.decode.dataset import D3Dataset
 from d3codec.decode.decoders import check_device
 from d3codec.errors import ConfigError
 from d3codec.evaluate.baselines import TensorBatches, select_baseline
 from d3codec.evaluate.recipe import NormalizedTest, Recipe, check_model_fits, summarize_runs, train_and_test
 from d3codec.evaluate.report import storage_figures
+from d3codec.format.io import load
 
 
 def _test_info(test: Any) -> dict[str, Any]:
@@ -26,8 +29,6 @@ def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Un
     file's mean and std, so both sides share one pixel space. `device` "auto" is CUDA when there
     is one, else the CPU; the report names the device that ran.
     """
-    from d3codec.format.io import load
-
     recipe.validate()
     device = check_device(device)
     d3 = load(path)
@@ -38,8 +39,6 @@ def evaluate_file(path: str, test: Any, recipe: Recipe = Recipe(), *, device: Un
             f"{test.name} has {test.num_classes} of {tuple(test.image_shape)}; pass the dataset the file was made from"
         )
     check_model_fits(recipe.model, meta.image_shape)
-    from d3codec.decode.dataset import D3Dataset
-
     normalized = NormalizedTest(test, meta.mean, meta.std)
     results, flops = [], 0
     if recipe.steps is not None:
@@ -79,8 +78,6 @@ def evaluate_baseline(codec: str, train: Any, test: Any, budget_bytes: int, reci
                           "give the same dataset to both (its train and test splits are used)")
     check_model_fits(recipe.model, train.image_shape)
     chosen = select_baseline(train, budget_bytes, codec, quality=quality, seed=recipe.seed)
-    from d3codec.data.dataset import normalize_uint8
-
     images = normalize_uint8(chosen.images, train.mean, train.std, device)
     labels = torch.from_numpy(chosen.labels).to(device)
     normalized = NormalizedTest(test, train.mean, train.std)

@@ -14,29 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from d3codec.models._upsample import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, NORMS, UpsamplingDecoder, num_blocks
-from d3codec.models.registry import Hparams, register_decoder
-
-HPARAMS = ("channels", "image_size", "latent_dim", "width", "norm", "slope", "min_width")
-
-
-def vae_widths(width: int, floor: int, blocks: int) -> list[int]:
-    """Feature-map widths: `blocks` maps halving from `width` (not below `floor`), the last repeated."""
-    main = [max(floor, width >> i) for i in range(blocks)]
-    return main + [main[-1]]
+from d3codec.models._builder import upsampling_hparams, vae_widths
+from d3codec.models.registry import register_decoder
 
 
 @register_decoder("medium", 1)
 def medium_v1(hparams: dict[str, Any]) -> nn.Module:
     """Linear input, ConvTranspose(3, 2, 1, 1) blocks halving from h, a final block, Conv 3x3, tanh (D3 2 IPC)."""
-    h = Hparams("medium", 1, hparams, HPARAMS)
-    channels = h.int("channels", hi=64)
-    size = h.int("image_size", lo=MIN_IMAGE_SIZE, hi=MAX_IMAGE_SIZE)
-    latent = h.int("latent_dim")
-    width = h.int("width", 512, hi=8192)
-    norm = h.choice("norm", "batch", NORMS)
-    slope = h.float("slope", 0.01, 0.0, 1.0)
-    floor = h.int("min_width", max(1, width // 16), hi=width)
-    return UpsamplingDecoder(family="medium", version=1, hparams=h.resolved, channels=channels, image_size=size,
-                             latent_dim=latent, widths=vae_widths(width, floor, num_blocks(size)), kernel=3,
-                             use_fc=True, norm=norm, slope=slope)
+    h = upsampling_hparams("medium", 1, hparams, width=512, slope=0.01, min_width_divisor=16, use_fc=True)
+    return h.build(vae_widths(h.width, h.min_width, h.blocks), kernel=3)

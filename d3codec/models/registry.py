@@ -20,6 +20,7 @@ from torch import nn
 
 from d3codec._version import __version__
 from d3codec.errors import D3Error
+from d3codec.models._upsample import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 #: Modules that register the built-in families when first needed.
 _BUILTIN_MODULES = ("d3codec.models.small", "d3codec.models.medium", "d3codec.models.large")
@@ -94,8 +95,6 @@ def is_registered(family: str, version: int) -> bool:
 
 def image_size_range() -> tuple[int, int]:
     """(smallest, largest) image side, in pixels, that the built-in decoder families draw."""
-    from d3codec.models._upsample import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-
     return MIN_IMAGE_SIZE, MAX_IMAGE_SIZE
 
 

@@ -13,23 +13,13 @@ from typing import Any
 
 from torch import nn
 
-from d3codec.models._upsample import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, NORMS, UpsamplingDecoder, num_blocks
-from d3codec.models.registry import Hparams, register_decoder
-
-HPARAMS = ("channels", "image_size", "latent_dim", "width", "norm", "slope", "min_width")
+from d3codec.models._builder import upsampling_hparams
+from d3codec.models.registry import register_decoder
 
 
 @register_decoder("small", 1)
 def small_v1(hparams: dict[str, Any]) -> nn.Module:
     """Linear input, ConvTranspose(4, 2, 1) blocks halving k to k/8, Conv 3x3, tanh (D3 1 IPC)."""
-    h = Hparams("small", 1, hparams, HPARAMS)
-    channels = h.int("channels", hi=64)
-    size = h.int("image_size", lo=MIN_IMAGE_SIZE, hi=MAX_IMAGE_SIZE)
-    latent = h.int("latent_dim")
-    width = h.int("width", 256, hi=8192)
-    norm = h.choice("norm", "batch", NORMS)
-    slope = h.float("slope", 0.2, 0.0, 1.0)
-    floor = h.int("min_width", max(1, width // 8), hi=width)
-    widths = [width] + [max(floor, width >> i) for i in range(1, num_blocks(size) + 1)]
-    return UpsamplingDecoder(family="small", version=1, hparams=h.resolved, channels=channels, image_size=size,
-                             latent_dim=latent, widths=widths, kernel=4, use_fc=True, norm=norm, slope=slope)
+    h = upsampling_hparams("small", 1, hparams, width=256, slope=0.2, min_width_divisor=8, use_fc=True)
+    widths = [h.width] + [max(h.min_width, h.width >> i) for i in range(1, h.blocks + 1)]
+    return h.build(widths, kernel=4)
