@@ -29,13 +29,16 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from d3codec.distill.distiller import mmd_class_count
+from d3codec.distill.classifier import default_augment
+from d3codec.distill.distiller import DistillConfig, Distiller, mmd_class_count
+from d3codec.distill.experts import ExpertConfig, default_experts_dir, experts_key
+from d3codec.distill.merge import single_thread
+from d3codec.distill.planner import Plan
+from d3codec.models.convnet import ConvNet, flatten_params, init_params
 from d3codec.progress import format_duration
 
 if TYPE_CHECKING:
-    from d3codec.distill.distiller import DistillConfig
     from d3codec.distill.federated import FederatedPlan
-    from d3codec.distill.planner import Plan
 
 #: Classes of the data the probe distils (an MMD iteration's cost is linear in the classes).
 PROBE_CLASSES = 8
@@ -90,14 +93,12 @@ class _ProbeExperts:
 
     def __init__(self, image_shape: tuple[int, int, int], num_classes: int, epochs: int, seed: int,
                  width: int = 128, depth: Optional[int] = None) -> None:
-        from d3codec.models.convnet import flatten_params, init_params
 
         self._shape, self._classes, self._width, self._depth = image_shape, num_classes, width, depth
         self._flat = flatten_params(init_params(self.build_model(), torch.Generator().manual_seed(seed))).detach()
         self.num_experts, self.num_epochs = 1, epochs
 
     def build_model(self) -> Any:
-        from d3codec.models.convnet import ConvNet
 
         c, h, w = self._shape
         return ConvNet(c, self._classes, (h, w), width=self._width, depth=self._depth)
@@ -182,9 +183,6 @@ def run_probe(real: Any, plan: "Plan", cfg: "DistillConfig", device: str = "cpu"
     encode distils), with the planned decoder and settings, on `device` and torch's current thread
     count, and sample each phase's memory. Seeded and self-contained: it trains nothing the encode
     keeps and writes nothing."""
-    from d3codec.distill.classifier import default_augment
-    from d3codec.distill.distiller import Distiller
-    from d3codec.models.convnet import ConvNet, init_params
 
     started = time.perf_counter()
     rss_before = rss_now()
@@ -307,7 +305,6 @@ def estimate_single(probe: Probe, plan: "Plan", cfg: "DistillConfig", *, classes
 def cached_experts(dataset: Any, classes: Optional[list[int]], num_experts: int, epochs: int, seed: int,
                    cache_dir: Optional[str]) -> int:
     """How many of the first `num_experts` experts the encode asks for are already in the cache."""
-    from d3codec.distill.experts import ExpertConfig, default_experts_dir, experts_key
 
     chosen = list(dataset.classes) if classes is None else [int(c) for c in classes]
     folder = os.path.join(default_experts_dir(cache_dir),
@@ -351,7 +348,6 @@ def estimate_cost(dataset: Any, fplan: "FederatedPlan") -> dict[str, float]:
     """Seconds of compute per subtask (experts, fit, objective) and for the teacher (training and
     labels), from one probe on subtask 0's classes with one thread (as each federated process
     computes), plus `peak_bytes` of one process."""
-    from d3codec.distill.merge import single_thread
 
     options = fplan.subtask_options(0)
     cfg = options.distill_config()
@@ -386,6 +382,7 @@ def estimate_cost(dataset: Any, fplan: "FederatedPlan") -> dict[str, float]:
 def _wall_seconds(cost: dict[str, float], fplan: "FederatedPlan", ranks: int) -> float:
     """Wall time of the run on `ranks` ranks: each rank trains its expert shares, then runs its
     tasks in order; a shared subtask's lead distils once its whole group has trained its shares."""
+    # local: the federated package imports this module (its dry run's estimate)
     from d3codec.distill.federated import assigned_tasks, expert_shares, experts_per_subtask, subtask_group
 
     n = experts_per_subtask(fplan)

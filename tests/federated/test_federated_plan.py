@@ -118,3 +118,21 @@ def test_dry_run_prints_subtasks_budgets_and_an_estimate(tmp_path) -> None:
     assert "each subtask: at most" in out and "priors" in out and "decoder small" in out
     assert "CPU-process-hours" in out and "s per distillation iteration" in out
     assert not list(tmp_path.glob("*.d3"))
+
+
+def test_estimate_counts_the_classes_one_mmd_update_draws(digits, monkeypatch) -> None:
+    """The printed seconds per iteration and the totals both count `mmd_classes` per update, not
+    every class of the subtask (a CPU update draws a few)."""
+    import d3codec.distill.cost as cost
+
+    probe = cost.Probe(device="cpu", threads=1, seconds=0.1, expert_image=0.0, fit_step=0.0,
+                       fit_start_per_target=0.0, objective_fixed=0.5, objective_per_class=2.0, label_image=0.0,
+                       classes=2, targets=2, objective_classes=2, expert_batch=1, expert_batch_full=1,
+                       rss_before=0, growth={})
+    monkeypatch.setattr(cost, "run_probe", lambda *a, **k: probe)
+    options = EncodeOptions(iterations=10, fit_steps=0, overrides={"mmd_classes": 3})
+    fplan = plan_federated(digits, "10ipc", options, 2)
+    assert len(fplan.groups[0]) == 5
+    out = cost.estimate_cost(digits, fplan)
+    assert out["seconds_per_iteration"] == pytest.approx(0.5 + 3 * 2.0)
+    assert out["subtask 0"] == pytest.approx(10 * (0.5 + 3 * 2.0))

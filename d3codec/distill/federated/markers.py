@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 from d3codec.distill.merge import RECORD
 from d3codec.errors import ConfigError
 from d3codec.format.atomic import write_atomic
+from d3codec.format.io import load
 from d3codec.format.types import D3File
 
 Log = Callable[[str], None]
@@ -26,8 +27,6 @@ def part_path(workdir: str, index: int) -> str:
 
 def finished_part(path: str, run: str, index: int) -> Optional[D3File]:
     """The part at `path` when it is a complete part of this run's subtask `index`, else None."""
-    from d3codec.format.io import load
-
     if not os.path.isfile(path):
         return None
     try:

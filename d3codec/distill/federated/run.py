@@ -12,15 +12,21 @@ intra-op thread per process: that, and seeds that ignore ranks, make serial, tor
 """
 from __future__ import annotations
 
+import datetime
 import json
+import multiprocessing
 import os
 import sys
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from d3codec.distill.api import EncodeOptions, check_output, encode
+from d3codec.distill.cost import estimate_cost, render_estimate
+from d3codec.distill.experts import ensure_experts
 from d3codec.distill.federated.markers import (SharedExpertFailed, clear_expert_markers, finished_part, part_path,
                                               wait_for_experts)
 from d3codec.distill.federated.plan import DATASET_RESERVE, FederatedPlan
@@ -31,6 +37,8 @@ from d3codec.distill.federated.split import assigned_tasks, class_ranges
 from d3codec.distill.merge import RECORD, DataSpec, merge_parts, single_thread
 from d3codec.distill.paper import compare_with_paper
 from d3codec.errors import ConfigError
+from d3codec.format.errors import OverBudgetError
+from d3codec.format.io import load, save
 from d3codec.format.types import Budget, D3File
 
 Log = Callable[[str], None]
@@ -84,9 +92,6 @@ def run_subtask(dataset: Any, fplan: FederatedPlan, index: int, path: str, *, de
 def _add_dataset_reference(trained: str, path: str, fplan: FederatedPlan, say: Log) -> D3File:
     """Write the finished part at `path` (atomic): the trained file plus, in the reserve it was
     planned without, the dataset reference merge reopens for the labels (left out if it is too long)."""
-    from d3codec.format.errors import OverBudgetError
-    from d3codec.format.io import load, save
-
     d3 = load(trained, memory_map=False)
     record = dict(d3.provenance[RECORD])
     if fplan.data is not None and len(json.dumps(fplan.data.to_json())) < DATASET_RESERVE - 64:
@@ -103,8 +108,6 @@ def _add_dataset_reference(trained: str, path: str, fplan: FederatedPlan, say: L
 
 def run_teacher(dataset: Any, fplan: FederatedPlan, device: Optional[str] = None) -> None:
     """Train (or find cached) the merged file's teacher over all classes, as `merge` will ask for it."""
-    from d3codec.distill.experts import ensure_experts
-
     if fplan.teacher is None:
         return
     cache_dir = fplan.data.cache_dir if fplan.data else fplan.options.cache_dir
@@ -188,8 +191,6 @@ def encode_federated(data: Optional[DataSpec], budget: Union[str, int, Budget], 
             say(paper)
     if options.dry_run:
         if rank == 0:
-            from d3codec.distill.cost import estimate_cost, render_estimate
-
             say(render_estimate(estimate_cost(dataset, fplan), fplan, max(world, nproc)))
         return fplan
     check_output(output)
@@ -231,9 +232,6 @@ def _merge_and_clean(dataset: Any, fplan: FederatedPlan, workdir: str, output: s
 def _run_local_processes(data: DataSpec, fplan: FederatedPlan, workdir: str, nproc: int) -> None:
     """`nproc` local ranks as spawned processes (only those with work are started), process r
     running tasks r, r + nproc, ... and its share of experts; the first error is re-raised here."""
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
     world = nproc if nproc > fplan.subtasks else min(nproc, fplan.num_tasks)
     ranks = ranks_with_work(fplan, world)
     clear_expert_markers(workdir)
@@ -250,10 +248,6 @@ def _run_local_processes(data: DataSpec, fplan: FederatedPlan, workdir: str, npr
 def _run_torchrun(dataset: Any, fplan: FederatedPlan, workdir: str, output: str, rank: int, world: int,
                   local_rank: int, say: Log) -> Optional[D3File]:
     """Under torchrun: this rank's tasks, a barrier, then rank 0 merges."""
-    import datetime
-
-    import torch.distributed as dist
-
     own_group = not dist.is_initialized()
     if own_group:
         # Subtasks can take hours; a dead rank makes torchrun stop the others, so wait long.

@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
+from d3codec._seed import derive_seed
 from d3codec._version import __version__
 from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class
 from d3codec.distill.distiller import budget_latent_cap
-from d3codec._seed import derive_seed
+from d3codec.distill.experts import ExpertConfig
 from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
                                            subtask_options)
 from d3codec.distill.federated.split import split_classes, subtask_seed
@@ -25,6 +26,8 @@ from d3codec.distill.merge import DataSpec, placeholder_merged
 from d3codec.distill.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
                                     label_bytes, plan_budget, raw_parts)
 from d3codec.errors import BudgetError, ConfigError
+from d3codec.format.budget import parse_budget
+from d3codec.format.io import size_upper_bound
 from d3codec.format.types import Budget
 
 #: Share searches: at most this many planner passes over all subtasks.
@@ -57,8 +60,6 @@ def plan_federated(dataset: Any, budget: Union[str, int, Budget], options: Encod
                    split: str = "contiguous", data: Optional[DataSpec] = None) -> FederatedPlan:
     """The whole run's plan (see the module docstring); `BudgetError` when the parts cannot fit,
     naming the smallest budget (in bytes) that plans for these settings."""
-    from d3codec.format.budget import parse_budget
-
     if options.classes is not None:
         raise ConfigError("--classes and --subtasks do not combine; subtasks split all classes of the dataset")
     metadata = dataset.metadata()
@@ -119,8 +120,6 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
     """D and labels are what the single-task plan of all classes picks; K starts where the
     single-task planner starts (its share of the budget), not where that plan ended: its K filled
     the bytes one decoder left, and the parts have S decoders."""
-    from d3codec.distill.experts import ExpertConfig
-
     metadata = dataset.metadata()
     cfg = options.distill_config()
     _, n_ep = options.expert_settings(cfg)
@@ -190,8 +189,6 @@ def part_plans(dataset: Any, fplan: FederatedPlan, share: int, k: int, d: int,
 def merged_size(dataset: Any, fplan: FederatedPlan, share: int, plans: list[Plan]) -> Trial:
     """The merged file of these part plans: its strict bound when that fits or every part plan is
     guaranteed, else the planner's estimate; with its bytes per part."""
-    from d3codec.format.io import size_upper_bound
-
     metadata, b = dataset.metadata(), fplan.budget
     pairs = list(zip(fplan.groups, plans))
     placeholder = placeholder_merged(metadata, pairs, fplan.labels, fplan.merged_provenance, b)

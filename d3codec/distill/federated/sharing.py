@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Optional
 
+from d3codec.distill.experts import ExpertConfig, train_experts
 from d3codec.distill.federated.markers import finished_part, mark_done, mark_failed, part_path
 from d3codec.distill.federated.plan import FederatedPlan
 from d3codec.distill.federated.split import assigned_tasks
@@ -55,8 +56,6 @@ def ranks_with_work(fplan: FederatedPlan, world: int) -> list[int]:
 def _expert_setup(dataset: Any, fplan: FederatedPlan, index: int) -> tuple[Any, list[int]]:
     """Subtask `index`'s expert settings and classes, exactly as its `encode` asks `ensure_experts`
     for them (so experts trained elsewhere land in the folder its distillation reads)."""
-    from d3codec.distill.experts import ExpertConfig
-
     options = fplan.subtask_options(index)
     cfg = options.distill_config()
     real = dataset.subset(fplan.groups[index])
@@ -69,8 +68,6 @@ def train_expert_shares(dataset: Any, fplan: FederatedPlan, workdir: str, rank: 
     """Train this rank's share of the experts of the subtask it shares (see `expert_shares`), one by
     one into the expert cache, each followed by its done marker (a failed one leaves a failed
     marker, so the lead stops waiting). Returns (subtask, expert, trained here: not found cached)."""
-    from d3codec.distill.experts import train_experts
-
     say: Log = log or (lambda s: None if fplan.options.quiet else print(s, file=sys.stderr))
     n = experts_per_subtask(fplan)
     out: list[tuple[int, int, bool]] = []
