@@ -78,15 +78,15 @@ def test_merged_file_plans_like_one_encode_with_a_decoder_per_subtask(digits) ->
     planner's share of the budget, each part gets its widest decoder, and more components fill
     what their width steps left."""
     from d3codec.distill.api import plan_for
-    from d3codec.distill.planner import default_latents_per_class
+    from d3codec.distill.planner import default_latents_per_class, label_bytes
 
     options = EncodeOptions(iterations=2)
     for budget in ("10ipc", "20ipc"):
-        single = plan_for(digits, budget, options)[0]
+        single = plan_for(digits, budget, EncodeOptions(iterations=2, labels="soft"))[0]  # federated auto: soft
         fplan = plan_federated(digits, budget, options, 2)
         (k, d), = {(p.latents_per_class, p.latent_dim) for p in fplan.plans}
         assert d == single.latent_dim
-        assert k >= default_latents_per_class(fplan.budget, 10, d, "I8")
+        assert k >= default_latents_per_class(fplan.budget, 10, d, "I8", label_bytes(fplan.labels, 10), True)
         assert fplan.bound >= 0.9 * fplan.budget.bytes  # the parts' width steps leave no tenth unused
         for i, part in enumerate(fplan.plans):  # each subtask's encode re-plans its part to the byte
             assert plan_for(digits, fplan.planning_budget(), fplan.subtask_options(i))[0] == part
@@ -136,3 +136,16 @@ def test_estimate_counts_the_classes_one_mmd_update_draws(digits, monkeypatch) -
     out = cost.estimate_cost(digits, fplan)
     assert out["seconds_per_iteration"] == pytest.approx(0.5 + 3 * 2.0)
     assert out["subtask 0"] == pytest.approx(10 * (0.5 + 3 * 2.0))
+
+
+def test_auto_labels_are_soft_for_subtasks_however_short_the_teacher(digits) -> None:
+    """A single-task CPU encode keeps hard labels (its one-epoch teacher is short), a federated one
+    takes the teacher's soft labels: they alone relate classes of different subtasks."""
+    from d3codec.distill.api import plan_for
+
+    options = EncodeOptions(iterations=2)
+    assert plan_for(digits, "10ipc", options)[0].labels.kind == "hard"
+    fplan = plan_federated(digits, "10ipc", options, 2)
+    assert fplan.labels.kind in ("dense", "topk")
+    assert fplan.teacher is not None and fplan.num_tasks == 3
+    assert plan_federated(digits, "10ipc", EncodeOptions(iterations=2, labels="hard"), 2).labels.kind == "hard"

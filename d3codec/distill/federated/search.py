@@ -1,7 +1,10 @@
 """`plan_federated`: the federated plan, searched before any training.
 
-The merged file's D and label storage are the single-task plan's of all classes; K starts at the
-single-task planner's share of the budget. Each part then gets a byte share, searched up from
+The merged file's D and label storage are the single-task plan's of all classes, except that
+`--labels auto` means soft labels from the teacher over all classes however short its training:
+a subtask's decoder and components see only its classes, so the labels are all that relates
+classes of different subtasks (without them a student trained on the file confuses classes across
+subtasks: benchmarks/RESULTS.md, "Federated"). K starts at the single-task planner's share of the budget. Each part then gets a byte share, searched up from
 budget / subtasks (each part carries a header the merged file holds once) until the merged file's
 size estimate fits the budget: the search gives each part its widest decoder. Then K grows into
 what their width steps left (or shrinks where the merged file's own parts left too few). Every
@@ -17,11 +20,10 @@ from d3codec._seed import derive_seed
 from d3codec._version import __version__
 from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class
 from d3codec.distill.distiller import budget_latent_cap
-from d3codec.distill.experts import ExpertConfig
 from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
                                            subtask_options)
 from d3codec.distill.federated.split import split_classes, subtask_seed
-from d3codec.distill.labels import LabelStorage, resolve_labels
+from d3codec.distill.labels import LabelStorage
 from d3codec.distill.merge import DataSpec, placeholder_merged
 from d3codec.distill.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
                                     label_bytes, plan_budget, raw_parts)
@@ -122,13 +124,12 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
     the bytes one decoder left, and the parts have S decoders."""
     metadata = dataset.metadata()
     cfg = options.distill_config()
-    _, n_ep = options.expert_settings(cfg)
     max_k = smallest_class(dataset)
     if cfg.init == "real":  # the single-task rule: K where the capped fit sees every target often enough
         max_k = min(max_k, budget_latent_cap(b.bytes, metadata.num_classes, metadata.image_shape, cfg))
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
-                        labels=resolve_labels(options.labels, n_ep, len(dataset), ExpertConfig.batch_size),
+                        labels=options.labels,  # auto: soft however short the teacher (module docstring)
                         constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     if options.latents_per_class is None:
