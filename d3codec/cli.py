@@ -304,8 +304,8 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
                    "soft: the teacher's probabilities (the paper's). auto: soft when the teacher trains "
                    "for at least 1,000 SGD steps (the GPU default), else hard: a teacher trained for "
                    "about an epoch, as on CPU, caps the student near its own accuracy (RESULTS.md). "
-                   "With --subtasks, auto is soft (from a teacher over all classes) whatever the teacher: "
-                   "the labels are what relates classes of different subtasks.")
+                   "With --subtasks, auto is soft, from a teacher over all classes trained for at least 1,000 "
+                   "steps: the labels are what relates classes of different subtasks.")
 @click.option("--latents-per-class", type=click.IntRange(min=1), help="K, at least 1 (default: planned).")
 @click.option("--latent-dim", type=click.IntRange(min=1), help="D, at least 1 (default: planned).")
 @click.option("--width", type=click.IntRange(min=1), help="Decoder width (default: the widest that fits).")

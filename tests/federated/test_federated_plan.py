@@ -149,3 +149,17 @@ def test_auto_labels_are_soft_for_subtasks_however_short_the_teacher(digits) -> 
     assert fplan.labels.kind in ("dense", "topk")
     assert fplan.teacher is not None and fplan.num_tasks == 3
     assert plan_federated(digits, "10ipc", EncodeOptions(iterations=2, labels="hard"), 2).labels.kind == "hard"
+
+
+def test_teacher_trains_at_least_min_teacher_steps_unless_epochs_are_given(digits) -> None:
+    from d3codec.distill.experts import ExpertConfig
+    from d3codec.distill.federated.search import teacher_epochs
+    from d3codec.distill.labels import MIN_TEACHER_STEPS
+
+    steps = -(-len(digits) // ExpertConfig.batch_size)
+    fplan = plan_federated(digits, "10ipc", EncodeOptions(iterations=2), 2)
+    assert fplan.teacher["epochs"] * steps >= MIN_TEACHER_STEPS > (fplan.teacher["epochs"] - 1) * steps
+    assert teacher_epochs(EncodeOptions(), 2, 45_000) == 6  # CIFAR-10's train split: 176 steps an epoch
+    assert teacher_epochs(EncodeOptions(), 2, 1_281_167) == 2  # ImageNet: the experts' epochs already suffice
+    given = plan_federated(digits, "10ipc", EncodeOptions(iterations=2, expert_epochs=3), 2)
+    assert given.teacher["epochs"] == 3

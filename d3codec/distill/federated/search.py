@@ -1,10 +1,11 @@
 """`plan_federated`: the federated plan, searched before any training.
 
 The merged file's D and label storage are the single-task plan's of all classes, except that
-`--labels auto` means soft labels from the teacher over all classes however short its training:
-a subtask's decoder and components see only its classes, so the labels are all that relates
-classes of different subtasks (without them a student trained on the file confuses classes across
-subtasks: benchmarks/RESULTS.md, "Federated"). K starts at the single-task planner's share of the budget. Each part then gets a byte share, searched up from
+`--labels auto` means soft labels from the teacher over all classes, trained for at least
+`MIN_TEACHER_STEPS` steps (`teacher_epochs`): a subtask's decoder and components see only its
+classes, so the labels are all that relates classes of different subtasks (without them a student
+trained on the file confuses classes across subtasks: benchmarks/RESULTS.md, "Federated").
+K starts at the single-task planner's share of the budget. Each part then gets a byte share, searched up from
 budget / subtasks (each part carries a header the merged file holds once) until the merged file's
 size estimate fits the budget: the search gives each part its widest decoder. Then K grows into
 what their width steps left (or shrinks where the merged file's own parts left too few). Every
@@ -23,7 +24,8 @@ from d3codec.distill.distiller import budget_latent_cap
 from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
                                            subtask_options)
 from d3codec.distill.federated.split import split_classes, subtask_seed
-from d3codec.distill.labels import LabelStorage
+from d3codec.distill.experts import ExpertConfig
+from d3codec.distill.labels import MIN_TEACHER_STEPS, LabelStorage
 from d3codec.distill.merge import DataSpec, placeholder_merged
 from d3codec.distill.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
                                     label_bytes, plan_budget, raw_parts)
@@ -138,6 +140,16 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
     return Layout(k=k, d=d, labels=labels, max_k=max_k)
 
 
+def teacher_epochs(options: EncodeOptions, epochs: int, train_images: int) -> int:
+    """Epochs of the teacher over all classes: the experts' `epochs`, raised until it trains
+    `MIN_TEACHER_STEPS` SGD steps (its labels are what relates classes of different subtasks, and
+    a one-epoch teacher's cost points: benchmarks/RESULTS.md, "Federated"); `--expert-epochs` as given."""
+    if options.expert_epochs:
+        return epochs
+    steps_per_epoch = max(1, math.ceil(train_images / ExpertConfig.batch_size))
+    return max(epochs, math.ceil(MIN_TEACHER_STEPS / steps_per_epoch))
+
+
 def unsearched_plan(dataset: Any, b: Budget, options: EncodeOptions, subtasks: int, split: str,
                     data: Optional[DataSpec]) -> tuple[FederatedPlan, Layout]:
     """The plan with everything fixed but the share (budget / subtasks here) and the part plans
@@ -148,7 +160,8 @@ def unsearched_plan(dataset: Any, b: Budget, options: EncodeOptions, subtasks: i
     layout = merged_layout(dataset, b, options)
     cfg = options.distill_config()
     n_exp, n_ep = options.expert_settings(cfg)
-    teacher = None if layout.labels.kind == "hard" else {"experts": 1, "epochs": n_ep,
+    epochs = teacher_epochs(options, n_ep, len(dataset))
+    teacher = None if layout.labels.kind == "hard" else {"experts": 1, "epochs": epochs,
                                                           "seed": derive_seed(options.seed, "federated-teacher")}
     seeds = [subtask_seed(options.seed, i) for i in range(subtasks)]
     # Every input of the final K is in the key. The key (so each part's header) is fixed before the
