@@ -138,7 +138,7 @@ def test_estimate_counts_the_classes_one_mmd_update_draws(digits, monkeypatch) -
     assert out["subtask 0"] == pytest.approx(10 * (0.5 + 3 * 2.0))
 
 
-def test_auto_labels_are_soft_for_subtasks_however_short_the_teacher(digits) -> None:
+def test_auto_labels_are_soft_for_subtasks_even_where_single_task_is_hard(digits) -> None:
     """A single-task CPU encode keeps hard labels (its one-epoch teacher is short), a federated one
     takes the teacher's soft labels: they alone relate classes of different subtasks."""
     from d3codec.distill.api import plan_for
