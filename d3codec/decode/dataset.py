@@ -24,8 +24,10 @@ How the stream is defined (so it is deterministic, shardable and indexable; the 
   (the last rank wraps around to fill S, as `DistributedSampler` pads), so ranks never share a
   position. r and W (and so the default epoch size) are read from `torch.distributed` each time
   they are used, so a dataset built before `init_process_group` is sharded like one built after.
-  DataLoader workers split a rank's batches round-robin; a pickled dataset (a worker's copy under
-  the spawn start method) keeps the rank and world size of the process group it was pickled in.
+  DataLoader workers split a rank's batches round-robin (an endless stream's across epochs, so
+  its loader yields the batches of one process in order, with any number of workers); a pickled
+  dataset (a worker's copy under the spawn start method) keeps the rank and world size of the
+  process group it was pickled in.
 - Each new iteration over the dataset is the next epoch (as FFCV's `Loader`): a loop
   `for epoch in range(E): for x, y in ds:` gets epochs 0, 1, ... E - 1, fresh draws each time, and
   a new dataset with the same arguments repeats that sequence. This holds through
@@ -368,11 +370,14 @@ class D3Dataset(IterableDataset):
             images = self.augment(images, gen)
         return images, labels
 
-    def _epoch_batches(self, epoch: int, bounds: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self, epoch: int, bounds: list[tuple[int, int]],
+                       offset: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` that fall to this DataLoader worker: the batches of the iteration
+        are dealt round-robin, `offset` being how many earlier epochs of an endless one dealt."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for j, (start, stop) in enumerate(bounds):
-            if j % workers == worker:
+            if (offset + j) % workers == worker:
                 yield self.batch(start, stop, epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -387,10 +392,12 @@ class D3Dataset(IterableDataset):
             raise ConfigError(f"this endless D3Dataset yields no batches: each rank's {self.shard_size} samples "
                               f"per epoch are fewer than batch_size={self.batch_size} with drop_last; raise "
                               "epoch_size or lower batch_size")
+        dealt = 0  # an endless iteration deals its batches across epochs, so every worker gets its turn
         while True:
-            yield from self._epoch_batches(epoch, bounds)
+            yield from self._epoch_batches(epoch, bounds, dealt)
             if not self.endless:
                 return
+            dealt += len(bounds)
             epoch += 1
             self._clock.reached(epoch, base, index)
 

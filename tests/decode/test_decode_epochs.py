@@ -131,3 +131,15 @@ def test_more_workers_than_the_counters_serve_is_a_clear_error(make_d3, monkeypa
     monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: info)
     with pytest.raises(ConfigError, match=f"at most {dataset_mod.MAX_WORKERS} workers"):
         iter(ds)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_endless_streams_through_workers_keep_the_order_of_one_process(make_d3, workers: int) -> None:
+    """An endless stream's batches are dealt to the workers across epochs: 3 batches per epoch
+    split over 2 workers keep their order, and 4 workers (more than the batches) do not hang."""
+    d3 = make_d3("small", num_classes=4, k=3)  # random mode: 12 samples, 3 batches of 4 per epoch
+    want = list(itertools.islice(D3Dataset(d3, **KW, endless=True), 8))
+    loader = DataLoader(D3Dataset(d3, **KW, endless=True), batch_size=None, num_workers=workers,
+                        multiprocessing_context="fork", timeout=60)
+    got = list(itertools.islice(loader, 8))
+    assert _same((*zip(*got),), (*zip(*want),), exact=False)
