@@ -87,11 +87,15 @@ def teacher_probs_of_batches(teacher: Callable[[torch.Tensor], torch.Tensor], ba
     return torch.cat(out).reshape(n, k, -1)
 
 
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    """SGD steps of one teacher epoch over `train_images` in batches of `batch_size` (the last one partial)."""
+    return max(1, math.ceil(train_images / batch_size))
+
+
 def resolve_labels(labels: str, teacher_epochs: int, train_images: int, batch_size: int) -> str:
     """`--labels auto` made concrete: `auto` (soft, hard only where soft cannot fit) when the teacher
     trains for at least `MIN_TEACHER_STEPS` SGD steps of `batch_size` (the experts' batch), else
     `hard`; `soft` and `hard` stay as given."""
     if labels != "auto":
         return labels
-    steps = teacher_epochs * math.ceil(train_images / batch_size)
-    return "auto" if steps >= MIN_TEACHER_STEPS else "hard"
+    return "auto" if teacher_epochs * steps_per_epoch(train_images, batch_size) >= MIN_TEACHER_STEPS else "hard"

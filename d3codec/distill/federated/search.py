@@ -26,7 +26,7 @@ from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, plan
                                            subtask_options)
 from d3codec.distill.federated.split import split_classes, subtask_seed
 from d3codec.distill.experts import ExpertConfig
-from d3codec.distill.labels import MIN_TEACHER_STEPS, LabelStorage
+from d3codec.distill.labels import MIN_TEACHER_STEPS, LabelStorage, steps_per_epoch
 from d3codec.distill.merge import DataSpec, placeholder_merged
 from d3codec.distill.planner import (Plan, component_cap, constant_prior_std, default_latents_per_class, estimate_parts,
                                     label_bytes, plan_budget, raw_parts)
@@ -147,8 +147,7 @@ def teacher_epochs(options: EncodeOptions, epochs: int, train_images: int) -> in
     a one-epoch teacher's cost points: benchmarks/RESULTS.md, "Federated"); `--expert-epochs` as given."""
     if options.expert_epochs:
         return epochs
-    steps_per_epoch = max(1, math.ceil(train_images / ExpertConfig.batch_size))
-    return max(epochs, math.ceil(MIN_TEACHER_STEPS / steps_per_epoch))
+    return max(epochs, math.ceil(MIN_TEACHER_STEPS / steps_per_epoch(train_images, ExpertConfig.batch_size)))
 
 
 def unsearched_plan(dataset: Any, b: Budget, options: EncodeOptions, subtasks: int, split: str,
