@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from d3codec._process import die_with_parent
 from d3codec.distill.api import EncodeOptions, check_output, encode
 from d3codec.distill.cost import estimate_cost, render_estimate
 from d3codec.distill.experts import ensure_experts
@@ -235,7 +236,8 @@ def _run_local_processes(data: DataSpec, fplan: FederatedPlan, workdir: str, npr
     world = nproc if nproc > fplan.subtasks else min(nproc, fplan.num_tasks)
     ranks = ranks_with_work(fplan, world)
     clear_expert_markers(workdir)
-    with ProcessPoolExecutor(max_workers=len(ranks), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=len(ranks), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_process_job, data, fplan, workdir, r, world) for r in ranks]
         wait(futures, return_when=FIRST_EXCEPTION)
         pool.shutdown(wait=True, cancel_futures=True)  # the others finish what they are doing
