@@ -31,9 +31,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     seen: dict[str, np.ndarray] = {}
-    accuracy = recipe_module.evaluate_accuracy
 
     def predictions(model: torch.nn.Module, test: Any, device: Any) -> float:
+        """The eval's test pass (as `evaluate_accuracy`), keeping its predictions."""
+        was_training = model.training
         model.eval()
         preds, labels = [], []
         with torch.no_grad():
@@ -41,10 +42,11 @@ def main() -> None:
                 idx = list(range(s, min(len(test), s + 1024)))
                 preds.append(model(test.batch(idx, device)).argmax(1))
                 labels.append(test.label_tensor(idx, device))
+        model.train(was_training)
         seen["p"], seen["y"] = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
-        return accuracy(model, test, device)
+        return float((seen["p"] == seen["y"]).mean())
 
-    recipe_module.evaluate_accuracy = predictions  # the eval's own test pass, with its predictions kept
+    recipe_module.evaluate_accuracy = predictions  # in place of the eval's own test pass, not beside it
     test = open_dataset(args.dataset, data_dir=args.data_dir, split="test", progress=False)
     evaluate_file(args.file, test, Recipe(steps=args.steps, runs=1, seed=args.seed), device="cpu", progress=False)
     p, y, n = seen["p"], seen["y"], test.num_classes
