@@ -17,7 +17,7 @@ def die_with_parent(parent: int) -> None:
     and exit now if `parent` (the pid it was started from) is already gone."""
     if sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass

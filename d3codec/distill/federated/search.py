@@ -8,9 +8,9 @@ trained on the file confuses classes across subtasks: benchmarks/RESULTS.md, "Fe
 K starts at the single-task planner's share of the budget. Each part then gets a byte share,
 searched up from budget / subtasks (each part carries a header the merged file holds once) until
 the merged file's size estimate fits the budget: the search gives each part its widest decoder.
-Then K grows into
-what their width steps left (or shrinks where the merged file's own parts left too few). Every
-step is a named function of the unsearched plan and a trial; none changes the plan it is given.
+Then K grows into what their width steps left (or shrinks where the merged file's own parts left
+too few). Every step is a named function of the unsearched plan and a trial; none changes the
+plan it is given.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
         max_k = min(max_k, budget_latent_cap(b.bytes, metadata.num_classes, metadata.image_shape, cfg))
     whole = plan_budget(metadata, b, latents_per_class=options.latents_per_class, latent_dim=options.latent_dim,
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
-                        labels=options.labels,  # auto: soft, whatever the teacher (module docstring)
+                        labels=options.labels,  # auto: soft, the teacher trains long enough (teacher_epochs)
                         constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
     k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
     if options.latents_per_class is None:
