@@ -10,6 +10,7 @@ talk over gloo, GPU ranks (one GPU each) over NCCL.
 """
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -100,11 +101,12 @@ def main() -> None:
     if rank == 0:
         print(f"test accuracy: {100 * correct.item() / len(test):.2f}% on {len(test)} real {args.test} test "
               f"images ({f.labels.kind} labels, {args.steps} steps on {world} ranks)")
-    # Wait until every rank is done with every collective before any rank tears down: without this
-    # barrier a rank that finishes first sometimes aborts at exit under gloo ("terminate called
-    # without an active exception").
     dist.barrier()
     dist.destroy_process_group()
+    # Under gloo a worker thread frees a finished collective's tensors after the caller has moved on,
+    # and that needs the GIL. Release it briefly so this happens now: at interpreter shutdown the
+    # thread would abort the rank ("terminate called without an active exception").
+    time.sleep(0.1)
 
 
 if __name__ == "__main__":
