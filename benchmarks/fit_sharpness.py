@@ -6,6 +6,9 @@ that fit alone (same recipe: PCA-started codes at std 0.3, Gaussian noise on the
 a cosine-decayed rate, 3x on the codes, MSE in normalised space) for each decoder/latent
 configuration, then reports the PSNR of the noise-free decodes over all K x classes images, and
 seconds per step. Fewer steps than a real encode, so compare configurations within one run.
+Beside each, `linear PSNR` is what a linear code of the same D gives (the images' own top-D
+principal components, float, no training): the bar a nonlinear decoder has to clear. `--steps 0`
+gives that bar alone, in seconds.
 
     python benchmarks/fit_sharpness.py cifar10 --data-dir DIR --per-class 500 --steps 600 \\
         --config width=256,d=32 --config width=256,d=64 --config width=224,d=128
@@ -49,10 +52,13 @@ def run(images: torch.Tensor, cfg: dict[str, Any], steps: int, batch: int, seed:
     x = (images - mean) / std
     flat = x.flatten(1).double()
     centre = flat.mean(0)
-    _, _, vh = torch.linalg.svd(flat[:4096] - centre, full_matrices=False)
+    pick = torch.linspace(0, n - 1, min(n, 4096)).round().long()  # evenly spaced, as the encoder's basis
+    _, _, vh = torch.linalg.svd(flat[pick] - centre, full_matrices=False)
     codes = torch.zeros(n, cfg["d"], dtype=torch.float64)
     proj = (flat - centre) @ vh[:cfg["d"]].T
     codes[:, :proj.shape[1]] = proj / proj.std(0).clamp_min(1e-12)
+    linear = (proj @ vh[:cfg["d"]] + centre).float().view_as(x) * std + mean
+    linear_err = float((linear.clamp(0, 1) - images).pow(2).mean())
     hp = {"channels": c, "image_size": h, "latent_dim": cfg["d"], "width": cfg["width"], "norm": "batch"}
     if cfg["min_width"]:
         hp["min_width"] = cfg["min_width"]
@@ -79,7 +85,8 @@ def run(images: torch.Tensor, cfg: dict[str, Any], steps: int, batch: int, seed:
         err = sum(float(((draw(latents[s:s + 500]) * std + mean).clamp(0, 1) - images[s:s + 500]).pow(2).sum())
                   for s in range(0, n, 500)) / images.numel()
     return {**cfg, "params": sum(p.numel() for p in decoder.parameters()), "images": n, "steps": steps,
-            "s_per_step": seconds / steps, "psnr_db": -10 * math.log10(max(err, 1e-12))}
+            "s_per_step": seconds / max(1, steps), "psnr_db": -10 * math.log10(max(err, 1e-12)),
+            "linear_psnr_db": -10 * math.log10(max(linear_err, 1e-12))}
 
 
 def main() -> None:
@@ -87,7 +94,7 @@ def main() -> None:
     parser.add_argument("dataset", help="a dataset name or path, as for `d3codec encode`")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--per-class", type=int, default=500, help="real images per class to draw (K)")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=600, help="fit steps (0: only the linear PSNR is meaningful)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -106,14 +113,14 @@ def main() -> None:
     images = torch.from_numpy(ds.uint8(rows)).permute(0, 3, 1, 2).float() / 255.0
     if not args.json:
         print(f"{ds.name}: {len(rows)} images ({args.per_class} per class), {args.steps} fit steps of {args.batch}")
-        print(f"{'config':<36} {'params':>9} {'s/step':>7} {'PSNR dB':>8}")
+        print(f"{'config':<36} {'params':>9} {'s/step':>7} {'PSNR dB':>8} {'linear PSNR dB':>15}")
     for cfg in configs:
         res = run(images, cfg, args.steps, args.batch, args.seed)
         if args.json:
             print(json.dumps(res), flush=True)
         else:
             name = ",".join(f"{k}={v}" for k, v in cfg.items() if v is not None and k in ("family", "width", "d", "min_width"))
-            print(f"{name:<36} {res['params']:>9,} {res['s_per_step']:>7.3f} {res['psnr_db']:>8.2f}", flush=True)
+            print(f"{name:<36} {res['params']:>9,} {res['s_per_step']:>7.3f} {res['psnr_db']:>8.2f} {res['linear_psnr_db']:>15.2f}", flush=True)
 
 
 if __name__ == "__main__":
