@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,19 +42,38 @@ def _config(text: str) -> dict[str, Any]:
     return out
 
 
-def run(images: torch.Tensor, cfg: dict[str, Any], steps: int, batch: int, seed: int) -> dict[str, Any]:
+@dataclass
+class Basis:
+    """The images in the normalised space and their principal components, shared by every config."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    x: torch.Tensor       # [N, C, H, W], normalised
+    flat: torch.Tensor    # [N, pixels], float64
+    centre: torch.Tensor  # [pixels]
+    vh: torch.Tensor      # principal directions, rows
+
+
+def basis_of(images: torch.Tensor) -> Basis:
+    """Normalise `images` ([N, C, H, W] in [0, 1]) and take the principal components of at most 4,096
+    of them, evenly spaced as the encoder's basis."""
+    mean, std = images.mean((0, 2, 3), keepdim=True), images.std((0, 2, 3), keepdim=True)
+    x = (images - mean) / std
+    flat = x.flatten(1).double()
+    centre = flat.mean(0)
+    pick = torch.linspace(0, len(flat) - 1, min(len(flat), 4096)).round().long()
+    _, _, vh = torch.linalg.svd(flat[pick] - centre, full_matrices=False)
+    return Basis(mean, std, x, flat, centre, vh)
+
+
+def run(images: torch.Tensor, basis: Basis, cfg: dict[str, Any], steps: int, batch: int, seed: int) -> dict[str, Any]:
     """Fit one decoder and one code per image of `images` ([N, C, H, W] in [0, 1]); PSNR and timing."""
     from d3codec.models.registry import build_decoder
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n, c, h, _ = images.shape
-    mean, std = images.mean((0, 2, 3), keepdim=True), images.std((0, 2, 3), keepdim=True)
-    x = (images - mean) / std
-    flat = x.flatten(1).double()
-    centre = flat.mean(0)
-    pick = torch.linspace(0, n - 1, min(n, 4096)).round().long()  # evenly spaced, as the encoder's basis
-    _, _, vh = torch.linalg.svd(flat[pick] - centre, full_matrices=False)
+    mean, std, x, flat, centre, vh = basis.mean, basis.std, basis.x, basis.flat, basis.centre, basis.vh
     codes = torch.zeros(n, cfg["d"], dtype=torch.float64)
     proj = (flat - centre) @ vh[:cfg["d"]].T
     codes[:, :proj.shape[1]] = proj / proj.std(0).clamp_min(1e-12)
@@ -114,8 +134,9 @@ def main() -> None:
     if not args.json:
         print(f"{ds.name}: {len(rows)} images ({args.per_class} per class), {args.steps} fit steps of {args.batch}")
         print(f"{'config':<36} {'params':>9} {'s/step':>7} {'PSNR dB':>8} {'linear PSNR dB':>15}")
+    basis = basis_of(images)
     for cfg in configs:
-        res = run(images, cfg, args.steps, args.batch, args.seed)
+        res = run(images, basis, cfg, args.steps, args.batch, args.seed)
         if args.json:
             print(json.dumps(res), flush=True)
         else:
