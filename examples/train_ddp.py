@@ -101,6 +101,8 @@ def main() -> None:
     if rank == 0:
         print(f"test accuracy: {100 * correct.item() / len(test):.2f}% on {len(test)} real {args.test} test "
               f"images ({f.labels.kind} labels, {args.steps} steps on {world} ranks)")
+    # Every rank leaves the group together, so none tears it down while another is still inside
+    # a collective (the all_reduce above).
     dist.barrier()
     dist.destroy_process_group()
     # Under gloo a worker thread frees a finished collective's tensors after the caller has moved on,
