@@ -51,19 +51,20 @@ class Basis:
     x: torch.Tensor       # [N, C, H, W], normalised
     flat: torch.Tensor    # [N, pixels], float64
     centre: torch.Tensor  # [pixels]
-    vh: torch.Tensor      # principal directions, rows
+    axes: torch.Tensor    # [pixels, <= D] principal axes, columns (the encoder's `principal_axes`)
 
 
-def basis_of(images: torch.Tensor) -> Basis:
-    """Normalise `images` ([N, C, H, W] in [0, 1]) and take the principal components of at most 4,096
-    of them, evenly spaced as the encoder's basis."""
+def basis_of(images: torch.Tensor, d: int) -> Basis:
+    """Normalise `images` ([N, C, H, W] in [0, 1]) and take the top-`d` principal axes of at most
+    4,096 of them, evenly spaced as the encoder's basis."""
+    from d3codec.distill.pca import BASIS_IMAGES, principal_axes
+
     mean, std = images.mean((0, 2, 3), keepdim=True), images.std((0, 2, 3), keepdim=True)
     x = (images - mean) / std
     flat = x.flatten(1).double()
     centre = flat.mean(0)
-    pick = torch.linspace(0, len(flat) - 1, min(len(flat), 4096)).round().long()
-    _, _, vh = torch.linalg.svd(flat[pick] - centre, full_matrices=False)
-    return Basis(mean, std, x, flat, centre, vh)
+    pick = torch.linspace(0, len(flat) - 1, min(len(flat), BASIS_IMAGES)).round().long()
+    return Basis(mean, std, x, flat, centre, principal_axes(flat[pick] - centre, d))
 
 
 def run(images: torch.Tensor, basis: Basis, cfg: dict[str, Any], steps: int, batch: int, seed: int) -> dict[str, Any]:
@@ -73,11 +74,12 @@ def run(images: torch.Tensor, basis: Basis, cfg: dict[str, Any], steps: int, bat
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n, c, h, _ = images.shape
-    mean, std, x, flat, centre, vh = basis.mean, basis.std, basis.x, basis.flat, basis.centre, basis.vh
+    mean, std, x, flat, centre = basis.mean, basis.std, basis.x, basis.flat, basis.centre
+    axes = basis.axes[:, :cfg["d"]]
     codes = torch.zeros(n, cfg["d"], dtype=torch.float64)
-    proj = (flat - centre) @ vh[:cfg["d"]].T
+    proj = (flat - centre) @ axes
     codes[:, :proj.shape[1]] = proj / proj.std(0).clamp_min(1e-12)
-    linear = (proj @ vh[:cfg["d"]] + centre).float().view_as(x) * std + mean
+    linear = (proj @ axes.T + centre).float().view_as(x) * std + mean
     linear_err = float((linear.clamp(0, 1) - images).pow(2).mean())
     hp = {"channels": c, "image_size": h, "latent_dim": cfg["d"], "width": cfg["width"], "norm": "batch"}
     if cfg["min_width"]:
@@ -134,7 +136,7 @@ def main() -> None:
     if not args.json:
         print(f"{ds.name}: {len(rows)} images ({args.per_class} per class), {args.steps} fit steps of {args.batch}")
         print(f"{'config':<36} {'params':>9} {'s/step':>7} {'PSNR dB':>8} {'linear PSNR dB':>15}")
-    basis = basis_of(images)
+    basis = basis_of(images, max(cfg["d"] for cfg in configs))
     for cfg in configs:
         res = run(images, basis, cfg, args.steps, args.batch, args.seed)
         if args.json:

@@ -33,6 +33,7 @@ from d3codec.distill.classifier import default_augment
 from d3codec.distill.distiller import DistillConfig, Distiller, mmd_class_count
 from d3codec.distill.experts import ExpertConfig, default_experts_dir, experts_key
 from d3codec.distill.merge import single_thread
+from d3codec.distill.pca import BASIS_IMAGES, working_bytes as pca_working_bytes
 from d3codec.distill.planner import Plan
 from d3codec.models.convnet import ConvNet, flatten_params, init_params
 from d3codec.progress import format_duration
@@ -48,8 +49,6 @@ OBJECTIVE_CLASSES = 4
 PROBE_TARGETS = 1024
 #: Seconds each timed phase of the probe may take after its first (warm-up) step.
 PHASE_SECONDS = 1.0
-#: At most this many rows of the targets go into the fit's PCA basis (`Distiller._pca_latents`).
-PCA_ROWS = 4096
 
 
 @dataclass
@@ -274,7 +273,8 @@ def estimate_memory(probe: Probe, plan: "Plan", cfg: "DistillConfig", classes: i
     k, d = plan.latents_per_class, plan.latent_dim
     state = classes * k * d * 4 * 6                                 # means, log-vars, grads, moments
     targets = classes * k
-    pca = 3 * 8 * pixels * max(0, min(PCA_ROWS, targets) - min(PCA_ROWS, probe.targets))  # float64 sample, copy, factor
+    pca = max(0, pca_working_bytes(min(BASIS_IMAGES, targets), pixels)
+              - pca_working_bytes(min(BASIS_IMAGES, probe.targets), pixels))  # beyond the probe's own
     # Activations grow with the batch: the encode's batches where the probe's were smaller.
     scale = {"experts": min(probe.expert_batch_full, train_images) / max(1, probe.expert_batch),
              "fit": min(cfg.fit_batch, targets) / max(1, min(cfg.fit_batch, probe.targets)),

@@ -35,6 +35,7 @@ from torch.func import functional_call
 from d3codec.augment import DSA, DSAParams
 from d3codec.distill.checkpoint import optimizer_from_flat, optimizer_to_flat
 from d3codec.distill.objectives import FeatureView, feature_mmd, feature_params, trajectory_loss
+from d3codec.distill.pca import BASIS_IMAGES, principal_axes
 from d3codec.distill.planner import Plan, store_means, tensor_dtype
 from d3codec.errors import ConfigError
 from d3codec.format.types import Metadata, Stored
@@ -418,7 +419,7 @@ class Distiller:
         return float(loss.detach())
 
     @torch.no_grad()
-    def _pca_latents(self, targets: torch.Tensor, basis_images: int = 4096, chunk: int = 1024) -> torch.Tensor:
+    def _pca_latents(self, targets: torch.Tensor, basis_images: int = BASIS_IMAGES, chunk: int = 1024) -> torch.Tensor:
         """Each target image's coordinates on the top-D principal components of the targets, each
         dimension scaled to std `PCA_CODE_STD`: the fit's starting latents [N, K, D]. As in GLO
         (Bojanowski et al., 2018), similar images start with similar codes, so the decoder learns
@@ -429,8 +430,8 @@ class Distiller:
         pick = torch.linspace(0, len(flat) - 1, min(len(flat), basis_images)).round().long()
         sample = self.real.batch(flat[pick].numpy(), "cpu").flatten(1).double()
         centre = sample.mean(0)
-        _, _, vh = torch.linalg.svd(sample - centre, full_matrices=False)
-        basis = vh[:d].T  # [pixels, <= D]
+        basis = principal_axes(sample.sub_(centre), d)  # [pixels, <= D]
+        del sample
         codes = torch.cat([(self.real.batch(flat[s:s + chunk].numpy(), "cpu").flatten(1).double() - centre) @ basis
                            for s in range(0, len(flat), chunk)])
         if len(codes) > 1:  # unit variance; a direction without spread (rank-deficient targets) starts at 0
