@@ -3,7 +3,7 @@
 `run_probe` times each phase's unit of work on the device and thread count the encode uses, on a
 few classes of the real data: an expert's SGD step on a real batch (per image), a fit step of the
 planned decoder (its batch is `fit_batch` whatever the class count) and the fit's start (PCA of
-the targets), an objective iteration (MMD: per class, `mmd_chunk` classes at a time; MTT: a fixed
+the targets), an objective iteration (MMD: per class, `mmd_chunk_classes` at a time; MTT: a fixed
 `unroll_batch` of images whatever the class count) with stand-in experts, and labelling one
 component (decode its mean, the teacher's forward). `estimate_single` scales those units to a
 single-task plan; `estimate_cost` / `render_estimate` to a federated one (device-hours, and the
@@ -13,8 +13,8 @@ Peak memory is a model, not a measurement of the run: the process's resident siz
 probe, plus the training images of the classes (the uint8 cache is a memmap that the run reads in
 full), plus the per-component state (means, log-variances, their gradients and optimiser moments),
 plus the largest phase's working set as the probe sampled it (models, optimisers and activations
-at the real batch sizes; MMD's scaled from the probe's classes to one `mmd_chunk`; the fit's with
-its PCA sample at the plan's size). Phases run one after another, so only the largest counts.
+at the real batch sizes; MMD's scaled from the probe's classes to one chunk of classes; the fit's
+with its PCA at the plan's size). Phases run one after another, so only the largest counts.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from d3codec.distill.classifier import default_augment
-from d3codec.distill.distiller import DistillConfig, Distiller, mmd_class_count
+from d3codec.distill.distiller import DistillConfig, Distiller, mmd_chunk_classes, mmd_class_count
 from d3codec.distill.experts import ExpertConfig, default_experts_dir, experts_key
 from d3codec.distill.merge import single_thread
 from d3codec.distill.pca import BASIS_IMAGES, working_bytes as pca_working_bytes
@@ -278,7 +278,8 @@ def estimate_memory(probe: Probe, plan: "Plan", cfg: "DistillConfig", classes: i
     # Activations grow with the batch: the encode's batches where the probe's were smaller.
     scale = {"experts": min(probe.expert_batch_full, train_images) / max(1, probe.expert_batch),
              "fit": min(cfg.fit_batch, targets) / max(1, min(cfg.fit_batch, probe.targets)),
-             "mmd": min(cfg.mmd_chunk, mmd_class_count(cfg, classes)) / max(1, probe.objective_classes)}
+             "mmd": (min(mmd_chunk_classes(cfg, image_shape), mmd_class_count(cfg, classes))
+                     / max(1, probe.objective_classes))}
     g = {k: int(v * max(1.0, scale.get(k, 1.0))) for k, v in probe.growth.items()}
     if "fit" in g:
         g["fit"] += pca

@@ -83,7 +83,7 @@ class DistillConfig:
     lr_lr: float = 1e-6
     init_lr: float = 1e-2
     mmd_weight: float = 1.0
-    mmd_chunk: int = 16              # classes per MMD forward/backward (bounds memory)
+    mmd_chunk: int = 16              # most classes per MMD forward/backward (bounds memory; fewer for large images)
     mmd_classes: int = 0             # classes drawn per MMD update (0: all); bounds its cost at many classes
     augment: bool = True
     final_fraction: float = 0.1      # last share of iterations: frozen BN statistics + fake quantisation
@@ -160,6 +160,18 @@ def budget_latent_cap(budget_bytes: int, num_classes: int, image_shape: Sequence
     """`fit_latent_cap` at the images per class `budget_bytes` holds: the plan's cap on K from the fit."""
     ipc = images_per_class(budget_bytes, num_classes, image_shape)
     return fit_latent_cap(num_classes, image_shape, config, ipc)
+
+
+#: Image values one MMD chunk may hold (decoded and real images of its classes): 16 classes of
+#: 62 images at 32x32 RGB, so the larger images of 64 px go in smaller chunks of classes.
+MMD_CHUNK_VALUES = 16 * 62 * 3 * 32 * 32
+
+
+def mmd_chunk_classes(config: DistillConfig, image_shape: Sequence[int]) -> int:
+    """Classes per MMD forward/backward: `config.mmd_chunk`, fewer where their images would hold
+    more than `MMD_CHUNK_VALUES` values (what bounds the objective's memory)."""
+    per_class = (config.samples_per_class + config.real_per_class) * math.prod(image_shape)
+    return max(1, min(config.mmd_chunk, MMD_CHUNK_VALUES // per_class))
 
 
 def mmd_class_count(config: DistillConfig, num_classes: int) -> int:
@@ -282,8 +294,8 @@ class Distiller:
     # ---------------------------------------------------------------- objectives
     def _mmd_backward(self) -> float:
         """Sum over the update's classes (`mmd_classes`) of MMD between expert features of decoded
-        and real images of the class; gradients accumulate into `.grad`, `mmd_chunk` classes at a
-        time (memory bounded for any class count). Returns the loss.
+        and real images of the class; gradients accumulate into `.grad`, `mmd_chunk_classes` at a
+        time (memory bounded for any class count and image size). Returns the loss.
 
         A chunk's classes go through the feature network in one batch each (decoded, real); the
         Siamese augmentation gives the j-th decoded and the j-th real image of a class the same
@@ -295,8 +307,9 @@ class Distiller:
         s = cfg.samples_per_class
         total = 0.0
         drawn = self.mmd_classes()
-        for lo in range(0, len(drawn), cfg.mmd_chunk):
-            chunk = drawn[lo:lo + cfg.mmd_chunk]
+        step = mmd_chunk_classes(cfg, self.metadata.image_shape)
+        for lo in range(0, len(drawn), step):
+            chunk = drawn[lo:lo + step]
             z, _ = self.sample_latents(s, chunk)
             syn = self.decode(z)
             picks = []

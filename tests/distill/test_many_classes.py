@@ -10,8 +10,8 @@ import torch
 from d3codec.data import open_dataset
 from d3codec.distill.api import EncodeOptions, plan_for
 from d3codec.distill.distiller import (FIT_PASSES, MAX_FIT_STEPS, MIN_FIT_PASSES, Distiller, cpu_defaults,
-                                      default_fit_steps, fit_latent_cap, images_per_class, max_fit_steps,
-                                      mmd_class_count)
+                                      DistillConfig, default_fit_steps, fit_latent_cap, images_per_class,
+                                      max_fit_steps, mmd_chunk_classes, mmd_class_count)
 from d3codec.distill.experts import ensure_experts
 from d3codec.distill.planner import WIDTHS, max_width, plan_budget
 from d3codec.format.budget import parse_budget
@@ -106,6 +106,33 @@ def test_an_mmd_update_draws_at_most_mmd_classes_and_leaves_the_others_alone(tmp
     state = small.generator.get_state()
     assert small.mmd_classes() == list(range(30))
     assert torch.equal(small.generator.get_state(), state)
+
+
+def test_mmd_chunks_hold_fewer_classes_of_larger_images(tmp_path) -> None:
+    """At 32 px and below a chunk holds `mmd_chunk` classes (CPU and GPU settings alike); at 64 px
+    fewer, which bounds the objective's memory; and every class of an update still gets its
+    gradient when the update spans several chunks."""
+    for cfg in (cpu_defaults(), DistillConfig()):
+        for shape in ((1, 8, 8), (1, 28, 28), (3, 32, 32)):
+            assert mmd_chunk_classes(cfg, shape) == cfg.mmd_chunk == 16
+        assert 1 <= mmd_chunk_classes(cfg, (3, 64, 64)) < 10
+    assert mmd_chunk_classes(cpu_defaults(), (3, 512, 512)) == 1
+    data = many_classes_npz(tmp_path / "many.npz", classes=12, per_class=6, size=8)
+    cache = str(tmp_path / "cache")
+    ds = open_dataset(data, split="train", cache_dir=cache, progress=False)
+    options = EncodeOptions(cache_dir=cache, quiet=True, latents_per_class=2, latent_dim=8, width=8, fit_steps=0,
+                            iterations=2, overrides={"mmd_classes": 5, "mmd_chunk": 2, "samples_per_class": 4,
+                                                     "real_per_class": 4, "final_fraction": 0.0})
+    plan, cfg, real, _ = plan_for(ds, "4ipc", options)
+    experts = ensure_experts(ds, num_experts=1, epochs=1, seed=0, cache_dir=cache, progress=False)
+    distiller = Distiller(plan, real.metadata(), real, experts, cfg)
+    chosen: list[int] = []
+    draw = distiller.mmd_classes
+    distiller.mmd_classes = lambda: chosen.extend(draw()) or list(chosen)
+    distiller._zero()
+    distiller._mmd_backward()
+    grad = distiller.mean.grad.abs().sum(dim=(1, 2))
+    assert len(chosen) == 5 and set(torch.nonzero(grad).flatten().tolist()) == set(chosen)  # 3 chunks, all seen
 
 
 def test_the_small_sets_plans_do_not_move() -> None:
