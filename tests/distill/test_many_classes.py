@@ -4,6 +4,7 @@ and an MMD update draws a bounded number of classes; the small sets' plans do no
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -77,31 +78,43 @@ def test_a_many_class_plan_caps_k_by_the_fit_and_grows_the_code_instead(tmp_path
     assert plan.latent_dim >= free.latent_dim  # K capped lower: the code does not shrink
 
 
-def test_an_mmd_update_draws_at_most_mmd_classes_and_leaves_the_others_alone(tmp_path) -> None:
-    data = many_classes_npz(tmp_path / "many.npz", classes=30, per_class=6, size=8)
+def _mmd_distiller(tmp_path, classes: int, **overrides) -> tuple[Distiller, Callable[[], Distiller]]:
+    """A distiller of `classes` 8x8 classes ready for MMD updates (no fit), and a maker of more."""
+    data = many_classes_npz(tmp_path / "many.npz", classes=classes, per_class=6, size=8)
     cache = str(tmp_path / "cache")
     ds = open_dataset(data, split="train", cache_dir=cache, progress=False)
     options = EncodeOptions(cache_dir=cache, quiet=True, latents_per_class=2, latent_dim=8, width=8, fit_steps=0,
-                            iterations=2, overrides={"mmd_classes": 4, "samples_per_class": 4, "real_per_class": 4,
-                                                     "final_fraction": 0.0})
+                            iterations=2, overrides={"samples_per_class": 4, "real_per_class": 4,
+                                                     "final_fraction": 0.0, **overrides})
     plan, cfg, real, _ = plan_for(ds, "4ipc", options)
     experts = ensure_experts(ds, num_experts=1, epochs=1, seed=0, cache_dir=cache, progress=False)
-    distiller = Distiller(plan, real.metadata(), real, experts, cfg)
-    drawn = [distiller.mmd_classes() for _ in range(20)]
-    assert all(len(d) == 4 and d == sorted(set(d)) and 0 <= d[0] and d[-1] < 30 for d in drawn)
-    assert len({c for d in drawn for c in d}) > 8  # different classes each update
-    before = distiller.mean.detach().clone()
+    make = lambda: Distiller(plan, real.metadata(), real, experts, cfg)  # noqa: E731
+    return make(), make
+
+
+def _one_mmd_update(distiller: Distiller) -> tuple[list[int], torch.Tensor]:
+    """Run one MMD backward; the classes it drew and each class's gradient on its means."""
     chosen: list[int] = []
     draw = distiller.mmd_classes
     distiller.mmd_classes = lambda: chosen.extend(draw()) or list(chosen)  # record the update's classes
     distiller._zero()
     distiller._mmd_backward()
-    grad = distiller.mean.grad.abs().sum(dim=(1, 2))
+    return chosen, distiller.mean.grad.abs().sum(dim=(1, 2))
+
+
+def test_an_mmd_update_draws_at_most_mmd_classes_and_leaves_the_others_alone(tmp_path) -> None:
+    distiller, make = _mmd_distiller(tmp_path, 30, mmd_classes=4)
+    cfg = distiller.config
+    drawn = [distiller.mmd_classes() for _ in range(20)]
+    assert all(len(d) == 4 and d == sorted(set(d)) and 0 <= d[0] and d[-1] < 30 for d in drawn)
+    assert len({c for d in drawn for c in d}) > 8  # different classes each update
+    before = distiller.mean.detach().clone()
+    chosen, grad = _one_mmd_update(distiller)
     assert len(chosen) == 4 and set(torch.nonzero(grad).flatten().tolist()) <= set(chosen)
     assert torch.equal(distiller.mean.detach(), before)
     # At or below mmd_classes every class is in every update, and no random draw is spent on it.
     assert mmd_class_count(cfg, 3) == 3 and mmd_class_count(cfg, 30) == 4
-    small = Distiller(plan, real.metadata(), real, experts, cfg)
+    small = make()
     small.config.mmd_classes = 30
     state = small.generator.get_state()
     assert small.mmd_classes() == list(range(30))
@@ -117,21 +130,8 @@ def test_mmd_chunks_hold_fewer_classes_of_larger_images(tmp_path) -> None:
             assert mmd_chunk_classes(cfg, shape) == cfg.mmd_chunk == 16
         assert 1 <= mmd_chunk_classes(cfg, (3, 64, 64)) < 10
     assert mmd_chunk_classes(cpu_defaults(), (3, 512, 512)) == 1
-    data = many_classes_npz(tmp_path / "many.npz", classes=12, per_class=6, size=8)
-    cache = str(tmp_path / "cache")
-    ds = open_dataset(data, split="train", cache_dir=cache, progress=False)
-    options = EncodeOptions(cache_dir=cache, quiet=True, latents_per_class=2, latent_dim=8, width=8, fit_steps=0,
-                            iterations=2, overrides={"mmd_classes": 5, "mmd_chunk": 2, "samples_per_class": 4,
-                                                     "real_per_class": 4, "final_fraction": 0.0})
-    plan, cfg, real, _ = plan_for(ds, "4ipc", options)
-    experts = ensure_experts(ds, num_experts=1, epochs=1, seed=0, cache_dir=cache, progress=False)
-    distiller = Distiller(plan, real.metadata(), real, experts, cfg)
-    chosen: list[int] = []
-    draw = distiller.mmd_classes
-    distiller.mmd_classes = lambda: chosen.extend(draw()) or list(chosen)
-    distiller._zero()
-    distiller._mmd_backward()
-    grad = distiller.mean.grad.abs().sum(dim=(1, 2))
+    distiller, _ = _mmd_distiller(tmp_path, 12, mmd_classes=5, mmd_chunk=2)
+    chosen, grad = _one_mmd_update(distiller)
     assert len(chosen) == 5 and set(torch.nonzero(grad).flatten().tolist()) == set(chosen)  # 3 chunks, all seen
 
 
