@@ -48,23 +48,23 @@ class Basis:
 
     mean: torch.Tensor
     std: torch.Tensor
-    x: torch.Tensor       # [N, C, H, W], normalised
-    flat: torch.Tensor    # [N, pixels], float64
-    centre: torch.Tensor  # [pixels]
-    axes: torch.Tensor    # [pixels, <= D] principal axes, columns (the encoder's `principal_axes`)
+    x: torch.Tensor        # [N, C, H, W], normalised
+    centred: torch.Tensor  # [N, pixels], float64, less their mean
+    centre: torch.Tensor   # [pixels]
+    axes: torch.Tensor     # [pixels, <= D] principal axes, columns (the encoder's `principal_axes`)
 
 
 def basis_of(images: torch.Tensor, d: int) -> Basis:
     """Normalise `images` ([N, C, H, W] in [0, 1]) and take the top-`d` principal axes of at most
     4,096 of them, evenly spaced as the encoder's basis."""
-    from d3codec.distill.pca import BASIS_IMAGES, principal_axes
+    from d3codec.distill.pca import basis_rows, principal_axes
 
     mean, std = images.mean((0, 2, 3), keepdim=True), images.std((0, 2, 3), keepdim=True)
     x = (images - mean) / std
     flat = x.flatten(1).double()
     centre = flat.mean(0)
-    pick = torch.linspace(0, len(flat) - 1, min(len(flat), BASIS_IMAGES)).round().long()
-    return Basis(mean, std, x, flat, centre, principal_axes(flat[pick] - centre, d))
+    centred = flat - centre
+    return Basis(mean, std, x, centred, centre, principal_axes(centred[basis_rows(len(flat))], d))
 
 
 def run(images: torch.Tensor, basis: Basis, cfg: dict[str, Any], steps: int, batch: int, seed: int) -> dict[str, Any]:
@@ -74,10 +74,10 @@ def run(images: torch.Tensor, basis: Basis, cfg: dict[str, Any], steps: int, bat
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n, c, h, _ = images.shape
-    mean, std, x, flat, centre = basis.mean, basis.std, basis.x, basis.flat, basis.centre
+    mean, std, x, centre = basis.mean, basis.std, basis.x, basis.centre
     axes = basis.axes[:, :cfg["d"]]
     codes = torch.zeros(n, cfg["d"], dtype=torch.float64)
-    proj = (flat - centre) @ axes
+    proj = basis.centred @ axes
     codes[:, :proj.shape[1]] = proj / proj.std(0).clamp_min(1e-12)
     linear = (proj @ axes.T + centre).float().view_as(x) * std + mean
     linear_err = float((linear.clamp(0, 1) - images).pow(2).mean())

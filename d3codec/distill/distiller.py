@@ -35,7 +35,7 @@ from torch.func import functional_call
 from d3codec.augment import DSA, DSAParams
 from d3codec.distill.checkpoint import optimizer_from_flat, optimizer_to_flat
 from d3codec.distill.objectives import FeatureView, feature_mmd, feature_params, trajectory_loss
-from d3codec.distill.pca import BASIS_IMAGES, principal_axes
+from d3codec.distill.pca import basis_rows, principal_axes
 from d3codec.distill.planner import Plan, store_means, tensor_dtype
 from d3codec.errors import ConfigError
 from d3codec.format.types import Metadata, Stored
@@ -432,16 +432,15 @@ class Distiller:
         return float(loss.detach())
 
     @torch.no_grad()
-    def _pca_latents(self, targets: torch.Tensor, basis_images: int = BASIS_IMAGES, chunk: int = 1024) -> torch.Tensor:
+    def _pca_latents(self, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """Each target image's coordinates on the top-D principal components of the targets, each
         dimension scaled to std `PCA_CODE_STD`: the fit's starting latents [N, K, D]. As in GLO
         (Bojanowski et al., 2018), similar images start with similar codes, so the decoder learns
         from the first step instead of waiting for random codes to spread (measured: RESULTS.md).
-        The basis comes from an evenly spaced subset of at most `basis_images` targets."""
+        The basis comes from an evenly spaced subset of the targets (`pca.basis_rows`)."""
         n, k, d = self.mean.shape
         flat = targets.reshape(-1)
-        pick = torch.linspace(0, len(flat) - 1, min(len(flat), basis_images)).round().long()
-        sample = self.real.batch(flat[pick].numpy(), "cpu").flatten(1).double()
+        sample = self.real.batch(flat[basis_rows(len(flat))].numpy(), "cpu").flatten(1).double()
         centre = sample.mean(0)
         basis = principal_axes(sample.sub_(centre), d)  # [pixels, <= D]
         del sample

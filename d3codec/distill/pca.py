@@ -15,6 +15,12 @@ BASIS_IMAGES = 4096
 _RELATIVE_FLOOR = 1e-12
 
 
+def basis_rows(count: int) -> torch.Tensor:
+    """Indices of the rows the basis comes from: at most `BASIS_IMAGES` of `count`, evenly spaced
+    (so every class of the targets, which come class by class, is represented)."""
+    return torch.linspace(0, count - 1, min(count, BASIS_IMAGES)).round().long()
+
+
 def principal_axes(x: torch.Tensor, d: int) -> torch.Tensor:
     """The top-`d` principal axes of the rows of `x` ([images, pixels], float64, already centred),
     as orthonormal columns [pixels, <= d], largest variance first. Axes beyond the rank of `x` come

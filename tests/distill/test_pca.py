@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from d3codec.distill.pca import principal_axes, working_bytes
+from d3codec.distill.pca import BASIS_IMAGES, basis_rows, principal_axes, working_bytes
 
 
 def _images(rows: int, pixels: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,3 +47,10 @@ def test_working_memory_grows_with_rows_and_pixels() -> None:
     small, rows64, pixels64 = working_bytes(1024, 3072), working_bytes(4096, 3072), working_bytes(4096, 12288)
     assert 0 < small < rows64 < pixels64
     assert pixels64 >= 8 * 4096 * 12288  # at least the float64 copy of the images
+
+
+def test_the_basis_rows_are_evenly_spaced_over_every_target() -> None:
+    assert basis_rows(10).tolist() == list(range(10))
+    many = basis_rows(45_000)
+    assert len(many) == BASIS_IMAGES and many[0] == 0 and many[-1] == 44_999
+    assert (many.diff() > 0).all()
