@@ -163,3 +163,19 @@ def test_teacher_trains_at_least_min_teacher_steps_unless_epochs_are_given(digit
     assert teacher_epochs(EncodeOptions(), 2, 1_281_167) == 2  # ImageNet: the experts' epochs already suffice
     given = plan_federated(digits, "10ipc", EncodeOptions(iterations=2, expert_epochs=3), 2)
     assert given.teacher["epochs"] == 3
+
+
+def test_teacher_is_the_single_task_expert_of_the_same_epochs_and_seed(digits, tmp_path) -> None:
+    """The teacher over all classes shares its cache entry with a single-task encode's expert 0 of the
+    same epochs and seed: whichever run trains it first, the other reuses it."""
+    from d3codec.distill.cost import cached_experts
+    from d3codec.distill.federated.run import run_teacher
+
+    cache = str(tmp_path)
+    fplan = plan_federated(digits, "10ipc", EncodeOptions(iterations=2, seed=3, expert_epochs=1, cache_dir=cache,
+                                                          quiet=True), 2)
+    assert fplan.teacher == {"experts": 1, "epochs": 1, "seed": 3}
+    assert cached_experts(digits, None, 1, 1, 3, cache) == 0
+    run_teacher(digits, fplan)
+    assert cached_experts(digits, None, 1, 1, 3, cache) == 1   # what the single-task encode looks up
+    assert cached_experts(digits, None, 1, 1, 4, cache) == 0

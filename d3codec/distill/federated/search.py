@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
-from d3codec._seed import derive_seed
 from d3codec._version import __version__
 from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class
 from d3codec.distill.distiller import budget_latent_cap
@@ -161,8 +160,9 @@ def unsearched_plan(dataset: Any, b: Budget, options: EncodeOptions, subtasks: i
     cfg = options.distill_config()
     n_exp, n_ep = options.expert_settings(cfg)
     epochs = teacher_epochs(options, n_ep, len(dataset))
-    teacher = None if layout.labels.kind == "hard" else {"experts": 1, "epochs": epochs,
-                                                          "seed": derive_seed(options.seed, "federated-teacher")}
+    # The teacher is the single-task encode's expert 0 at the same epochs and seed (same cache key),
+    # so a single-task run with --expert-epochs E has already trained it, and the other way round.
+    teacher = None if layout.labels.kind == "hard" else {"experts": 1, "epochs": epochs, "seed": options.seed}
     seeds = [subtask_seed(options.seed, i) for i in range(subtasks)]
     # Every input of the final K is in the key. The key (so each part's header) is fixed before the
     # search: a subtask's encode then re-plans its part to the byte, whatever K the search settles on.
