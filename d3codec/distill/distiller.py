@@ -408,14 +408,19 @@ class Distiller:
             rows.append(pool[order[:k]])
         return torch.stack(rows)
 
-    def _fit_step(self) -> float:
-        """One reconstruction iteration: decode (mean + noise) of a batch of components, MSE to each
-        component's real image (normalised space); Adam on decoder and means, cosine-decayed lr."""
-        cfg = self.config
+    def prepare_fit(self) -> None:
+        """Draw the fit's targets and start the means at their principal-axis codes, once (the first
+        fit step does it if not done; `run_loop` does it first, so the fit's progress times steps only)."""
         if self.fit_targets is None:
             self.fit_targets = self._draw_fit_targets()
             with torch.no_grad():
                 self.mean.copy_(self._pca_latents(self.fit_targets))
+
+    def _fit_step(self) -> float:
+        """One reconstruction iteration: decode (mean + noise) of a batch of components, MSE to each
+        component's real image (normalised space); Adam on decoder and means, cosine-decayed lr."""
+        cfg = self.config
+        self.prepare_fit()
         n, k, d = self.mean.shape
         total = n * k
         pick = torch.randperm(total, generator=self.generator)[:cfg.fit_batch] if total > cfg.fit_batch else torch.arange(total)

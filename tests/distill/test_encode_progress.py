@@ -35,3 +35,25 @@ def test_quiet_encode_writes_no_progress(tmp_path, monkeypatch) -> None:
     res = _encode(tmp_path, many_classes_npz(tmp_path / "many.npz", classes=10), "-q")
     assert res.exit_code == 0, res.output
     assert not re.search(r"^(fit|objective|expert|decoding)\b.*elapsed", res.stderr, re.M), res.stderr
+
+
+def test_the_fit_progress_starts_after_the_pca_start_of_the_codes(tmp_path, monkeypatch) -> None:
+    """The fit's codes start at the targets' principal axes (half a minute at 64 px): that work is
+    done before the fit's progress starts, so its rate and ETA time the fit steps alone."""
+    import sys
+
+    from d3codec.distill.distiller import Distiller
+
+    pca = Distiller._pca_latents
+
+    def marked(self, *args, **kwargs):
+        print("principal axes computed", file=sys.stderr)
+        return pca(self, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "_pca_latents", marked)
+    monkeypatch.setenv("D3CODEC_PROGRESS_INTERVAL", "3600")
+    res = _encode(tmp_path, many_classes_npz(tmp_path / "many.npz", classes=10))
+    assert res.exit_code == 0, res.output
+    err = res.stderr
+    start = err.index("fit: 0/3 it")
+    assert "principal axes computed" in err[:start] and "principal axes computed" not in err[start:], err
