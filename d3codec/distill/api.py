@@ -22,7 +22,7 @@ from d3codec.distill.cost import Estimate, cached_experts, estimate_single, rend
 from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, budget_latent_cap, cpu_defaults,
                                        default_fit_steps, fit_latent_cap, images_per_class)
 from d3codec.distill.experts import ExpertConfig, ensure_experts
-from d3codec.distill.labels import resolve_labels, store_labels, teacher_probs_of_batches
+from d3codec.distill.labels import resolve_labels, store_labels, teacher_agreement, teacher_probs_of_batches
 from d3codec.distill.loop import run_loop
 from d3codec.distill.paper import compare_with_paper
 from d3codec.distill.planner import Plan, plan_budget, store_decoder_state, store_priors
@@ -248,7 +248,7 @@ def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],
     run_loop(distiller, output + ".ckpt", plan, resume=options.resume,
              checkpoint_every=options.checkpoint_every, quiet=options.quiet, seconds=seconds)
     started = time.perf_counter()
-    d3 = export(distiller, plan, real, experts, prov, device=options.device)
+    d3 = export(distiller, plan, real, experts, prov, device=options.device, log=say)
     seconds["labels"] = time.perf_counter() - started  # with the decoder's fold into its stored form
     started = time.perf_counter()
     size, _ = save_within_budget(d3, output, plan.budget, say)
@@ -277,15 +277,19 @@ def estimate_encode(dataset: Any, plan: Plan, cfg: DistillConfig, real: Any, opt
 
 @torch.no_grad()
 def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance: dict[str, Any],
-           device: str = "cpu") -> D3File:
-    """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes."""
+           device: str = "cpu", log: Optional[Log] = None) -> D3File:
+    """The trained state as a `D3File`: eval-form decoder, priors, labels, in the planned dtypes;
+    `log` gets how well the teacher knows the components, for soft labels."""
     distiller.freeze_if_needed()  # the folded, stored-form decoder from here on
     if plan.labels.kind == "hard":
         labels = store_labels(torch.zeros(0), plan.labels)
     else:
         teacher = experts.teacher(device=device)
         n, k = distiller.mean.shape[:2]
-        labels = store_labels(teacher_probs_of_batches(teacher, distiller.mean_image_batches(), n, k), plan.labels)
+        probs = teacher_probs_of_batches(teacher, distiller.mean_image_batches(), n, k)
+        if log is not None:
+            log(teacher_agreement(probs))
+        labels = store_labels(probs, plan.labels)
     state = export_state(distiller.decoder)
     weights = store_decoder_state({k: v.detach().cpu() for k, v in state.items()}, plan.weight_dtype)
     classes = list(range(len(real.classes)))

@@ -87,6 +87,17 @@ def teacher_probs_of_batches(teacher: Callable[[torch.Tensor], torch.Tensor], ba
     return torch.cat(out).reshape(n, k, -1)
 
 
+def teacher_agreement(probs: torch.Tensor) -> str:
+    """How well the teacher knows the components it labels, as a log line: `probs` [N, K, classes],
+    row n the components of class n. A teacher near chance there gives labels near uniform."""
+    n, k, c = probs.shape
+    own = torch.arange(n).view(n, 1, 1).expand(n, k, 1)
+    agree = float((probs.argmax(dim=-1, keepdim=True) == own).float().mean())
+    p_own = float(probs.gather(-1, own).mean())
+    return (f"labels: the teacher's top class is the component's own for {100 * agree:.1f}% of the {n * k:,} "
+            f"components (mean probability of the own class {p_own:.3f}; chance {1 / c:.3f})")
+
+
 def steps_per_epoch(train_images: int, batch_size: int) -> int:
     """SGD steps of one teacher epoch over `train_images` in batches of `batch_size` (the last one partial)."""
     return max(1, math.ceil(train_images / batch_size))

@@ -23,7 +23,8 @@ import torch
 from d3codec.data import open_dataset
 from d3codec.decode.decoders import mean_image_batches
 from d3codec.distill.experts import ensure_experts
-from d3codec.distill.labels import LabelStorage, placeholder_labels, store_labels, teacher_probs_of_batches
+from d3codec.distill.labels import (LabelStorage, placeholder_labels, store_labels, teacher_agreement,
+                                    teacher_probs_of_batches)
 from d3codec.distill.planner import Plan, decoder_shapes, store_decoder_state, store_priors
 from d3codec.distill.trim import save_within_budget
 from d3codec.errors import BudgetError, ConfigError
@@ -251,9 +252,11 @@ def _merged_metadata(parts: Sequence[_Part]) -> Metadata:
 
 
 def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any], dataset: Any,
-                  device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False) -> Labels:
+                  device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> Labels:
     """Soft labels over all classes: a teacher trained on the whole dataset (cached by the experts
-    API, trained now if missing) applied to every component's mean image."""
+    API, trained now if missing) applied to every component's mean image; `log` gets how well the
+    teacher knows the components."""
     if dataset.fingerprint != d3.metadata.fingerprint:
         raise FingerprintMismatchError(f"dataset {dataset.name} (fingerprint {dataset.fingerprint}) is not the one the "
                                        f"parts were encoded from ({d3.metadata.fingerprint}); pass the original data "
@@ -265,6 +268,8 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
     # The teacher sees what it was trained on: the file's normalised space (not [0, 1] pixels).
     batches = mean_image_batches(d3, device, space="normalized", batch_size=512)
     probs = teacher_probs_of_batches(teacher, batches, d3.priors.num_classes, d3.priors.latents_per_class)
+    if log is not None:
+        log(teacher_agreement(probs))
     return store_labels(probs, storage)
 
 
@@ -308,7 +313,7 @@ def merge_parts(paths: Sequence[str], output: str, *, dataset: Any = None, data:
             "over all classes")
         with single_thread():
             d3.labels = global_labels(d3, storage, record["teacher"], dataset, device,
-                                      cache_dir=spec.cache_dir if spec else None, progress=not quiet)
+                                      cache_dir=spec.cache_dir if spec else None, progress=not quiet, log=say)
     size, d3 = save_within_budget(d3, output, budget, say)
     say(f"wrote {output}: {size:,} bytes ({100.0 * size / budget.bytes:.1f}% of the budget), "
         f"{len(parts)} decoders, {metadata.num_classes} classes")

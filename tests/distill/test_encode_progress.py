@@ -19,9 +19,12 @@ def _encode(tmp_path, data: str, *extra: str):
 
 def test_an_encode_off_a_terminal_writes_start_and_end_lines_for_every_long_step(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("D3CODEC_PROGRESS_INTERVAL", "3600")  # only the start and end lines
-    res = _encode(tmp_path, many_classes_npz(tmp_path / "many.npz"))
+    res = _encode(tmp_path, many_classes_npz(tmp_path / "many.npz"), "--labels", "soft")
     assert res.exit_code == 0, res.output
     err = res.stderr
+    # Soft labels: the log says how well the teacher knows the components it labels.
+    assert re.search(r"^labels: the teacher's top class is the component's own for [\d.]+% of the [\d,]+ components",
+                     err, re.M), err
     for step, unit, total in [("decoding many.npz", "img", 300), ("expert 0", "ep", 1), ("fit", "it", 3),
                               ("objective mmd", "it", 2)]:
         start = re.search(rf"^{re.escape(step)}: 0/{total:,} {unit} \(0\.0%\), elapsed", err, re.M)

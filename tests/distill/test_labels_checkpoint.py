@@ -6,7 +6,7 @@ import torch
 
 from d3codec.distill.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from d3codec.distill.labels import (MIN_TEACHER_STEPS, LabelStorage, index_dtype, resolve_labels, store_labels,
-                                   teacher_probs_of_batches)
+                                   teacher_agreement, teacher_probs_of_batches)
 from d3codec.errors import ConfigError
 
 
@@ -42,6 +42,16 @@ def test_teacher_probs_are_softmax_rows() -> None:
     p = teacher_probs_of_batches(teacher, images.split(3), 2, 5)  # batches of 3, 3, 3, 1
     assert p.shape == (2, 5, 3)
     assert torch.allclose(p.sum(-1), torch.ones(2, 5))
+
+
+def test_teacher_agreement_counts_components_whose_top_class_is_their_own() -> None:
+    p = torch.full((4, 5, 4), 0.1)
+    for c in range(4):
+        p[c, :2, c] = 0.7                 # 2 of each class's 5 components: the own class on top
+        p[c, 2:, (c + 1) % 4] = 0.7       # the other 3: a neighbour on top
+    line = teacher_agreement(p)
+    assert "40.0% of the 20 components" in line
+    assert "own class 0.340" in line and "chance 0.250" in line  # (2 x 0.7 + 3 x 0.1) / 5
 
 
 def test_checkpoint_round_trip_with_optimizer_state(tmp_path) -> None:
