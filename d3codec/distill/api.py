@@ -22,7 +22,7 @@ from d3codec.distill.cost import Estimate, cached_experts, estimate_single, rend
 from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, budget_latent_cap, cpu_defaults,
                                        default_fit_steps, fit_latent_cap, images_per_class)
 from d3codec.distill.experts import ExpertConfig, ensure_experts
-from d3codec.distill.labels import resolve_labels, store_labels, teacher_agreement, teacher_probs_of_batches
+from d3codec.distill.labels import resolve_labels, store_labels, teacher_labels
 from d3codec.distill.loop import run_loop
 from d3codec.distill.paper import compare_with_paper
 from d3codec.distill.planner import Plan, plan_budget, store_decoder_state, store_priors
@@ -286,10 +286,7 @@ def export(distiller: Distiller, plan: Plan, real: Any, experts: Any, provenance
     else:
         teacher = experts.teacher(device=device)
         n, k = distiller.mean.shape[:2]
-        probs = teacher_probs_of_batches(teacher, distiller.mean_image_batches(), n, k)
-        if log is not None:
-            log(teacher_agreement(probs))
-        labels = store_labels(probs, plan.labels)
+        labels = teacher_labels(teacher, distiller.mean_image_batches(), n, k, plan.labels, log)
     state = export_state(distiller.decoder)
     weights = store_decoder_state({k: v.detach().cpu() for k, v in state.items()}, plan.weight_dtype)
     classes = list(range(len(real.classes)))

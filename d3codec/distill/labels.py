@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -96,6 +96,16 @@ def teacher_agreement(probs: torch.Tensor) -> str:
     p_own = float(probs.gather(-1, own).mean())
     return (f"labels: the teacher's top class is the component's own for {100 * agree:.1f}% of the {n * k:,} "
             f"components (mean probability of the own class {p_own:.3f}; chance {1 / c:.3f})")
+
+
+def teacher_labels(teacher: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], n: int, k: int,
+                   storage: LabelStorage, log: Optional[Callable[[str], None]] = None) -> Labels:
+    """The components' soft labels as `storage` says: `teacher`'s softmax on their mean images
+    (`batches`, class-major); `log` gets how well the teacher knows them (`teacher_agreement`)."""
+    probs = teacher_probs_of_batches(teacher, batches, n, k)
+    if log is not None:
+        log(teacher_agreement(probs))
+    return store_labels(probs, storage)
 
 
 def steps_per_epoch(train_images: int, batch_size: int) -> int:

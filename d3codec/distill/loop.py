@@ -64,7 +64,7 @@ def run_loop(distiller: Distiller, checkpoint: str, plan: Plan, *, resume: bool 
             if distiller.iteration >= last:
                 continue
             started = time.perf_counter()
-            if first == 0 and last > 0:
+            if desc == "fit":
                 distiller.prepare_fit()  # the PCA start (half a minute at 64 px) stays out of the fit's rate
             with Progress(last - first, desc, unit="it", enabled=not quiet,
                           initial=distiller.iteration - first) as bar:

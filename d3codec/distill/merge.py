@@ -23,8 +23,7 @@ import torch
 from d3codec.data import open_dataset
 from d3codec.decode.decoders import mean_image_batches
 from d3codec.distill.experts import ensure_experts
-from d3codec.distill.labels import (LabelStorage, placeholder_labels, store_labels, teacher_agreement,
-                                    teacher_probs_of_batches)
+from d3codec.distill.labels import LabelStorage, placeholder_labels, teacher_labels
 from d3codec.distill.planner import Plan, decoder_shapes, store_decoder_state, store_priors
 from d3codec.distill.trim import save_within_budget
 from d3codec.errors import BudgetError, ConfigError
@@ -267,10 +266,7 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
     teacher = experts.teacher(device=device)
     # The teacher sees what it was trained on: the file's normalised space (not [0, 1] pixels).
     batches = mean_image_batches(d3, device, space="normalized", batch_size=512)
-    probs = teacher_probs_of_batches(teacher, batches, d3.priors.num_classes, d3.priors.latents_per_class)
-    if log is not None:
-        log(teacher_agreement(probs))
-    return store_labels(probs, storage)
+    return teacher_labels(teacher, batches, d3.priors.num_classes, d3.priors.latents_per_class, storage, log)
 
 
 def merged_provenance(parts: Sequence[_Part]) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import re
+import sys
 
 from click.testing import CliRunner
 
 from d3codec.cli import cli
+from d3codec.distill.distiller import Distiller
 
 from many_classes import many_classes_npz
 
@@ -43,10 +45,6 @@ def test_quiet_encode_writes_no_progress(tmp_path, monkeypatch) -> None:
 def test_the_fit_progress_starts_after_the_pca_start_of_the_codes(tmp_path, monkeypatch) -> None:
     """The fit's codes start at the targets' principal axes (half a minute at 64 px): that work is
     done before the fit's progress starts, so its rate and ETA time the fit steps alone."""
-    import sys
-
-    from d3codec.distill.distiller import Distiller
-
     pca = Distiller._pca_latents
 
     def marked(self, *args, **kwargs):
