@@ -366,15 +366,20 @@ def estimate_cost(dataset: Any, fplan: "FederatedPlan") -> dict[str, float]:
         opts = fplan.subtask_options(i)
         c = opts.distill_config()
         n_exp, n_ep = opts.expert_settings(c, fplan.images[i])
+        cached = cached_experts(dataset, group, n_exp, n_ep, c.seed, opts.cache_dir)
         est = estimate_single(probe, fplan.plans[i], c, classes=len(group), train_images=fplan.images[i],
-                              image_shape=dataset.image_shape, experts=n_exp, epochs=n_ep)
+                              image_shape=dataset.image_shape, experts=n_exp, epochs=n_ep, cached_experts=cached)
         out[f"subtask {i}"] = est.total
         out[f"subtask {i} experts"] = est.seconds["experts"]
+        out["cached experts"] = out.get("cached experts", 0) + cached
         peak = max(peak, est.peak_bytes)
     if fplan.teacher is not None:
         images = sum(fplan.images)
         components = fplan.num_classes * fplan.plans[0].latents_per_class
-        out["teacher"] = (fplan.teacher["experts"] * fplan.teacher["epochs"] * images * probe.expert_image
+        t = fplan.teacher
+        cache_dir = fplan.data.cache_dir if fplan.data else fplan.options.cache_dir
+        out["cached teacher"] = cached_experts(dataset, None, t["experts"], t["epochs"], t["seed"], cache_dir)
+        out["teacher"] = ((t["experts"] - out["cached teacher"]) * t["epochs"] * images * probe.expert_image
                           + components * probe.label_image)
     out["peak_bytes"] = float(peak)
     return out
@@ -411,8 +416,11 @@ def render_estimate(cost: dict[str, float], fplan: "FederatedPlan", ranks: int) 
     total = sum(tasks)
     wall = _wall_seconds(cost, fplan, max(1, ranks))
     memory = f"; peak memory about {format_bytes(cost['peak_bytes'])} per process" if "peak_bytes" in cost else ""
+    cached = [f"{int(cost['cached experts'])} subtask expert(s)"] if cost.get("cached experts") else []
+    cached += ["the teacher"] if cost.get("cached teacher") else []
+    found = f"; {' and '.join(cached)} found cached, not counted" if cached else ""
     fit = (f"{cost['seconds_per_fit_step']:.3f} s per fit step, " if "seconds_per_fit_step" in cost else "")
     return (f"estimate from a timed probe on {device}: {fit}{cost['seconds_per_iteration']:.3f} s per distillation "
             f"iteration (subtask 0), {1e3 * cost['seconds_per_expert_image']:.3f} ms per expert training image; "
-            f"about {total / 3600:.2f} {kind}-hours in all (subtasks + teacher), "
+            f"about {total / 3600:.2f} {kind}-hours in all (subtasks + teacher{found}), "
             f"{wall / 3600:.2f} h wall with {ranks} process(es){memory}")

@@ -179,3 +179,30 @@ def test_teacher_is_the_single_task_expert_of_the_same_epochs_and_seed(digits, t
     run_teacher(digits, fplan)
     assert cached_experts(digits, None, 1, 1, 3, cache) == 1   # what the single-task encode looks up
     assert cached_experts(digits, None, 1, 1, 4, cache) == 0
+
+
+def test_estimate_leaves_out_experts_and_a_teacher_found_cached(digits, tmp_path, monkeypatch) -> None:
+    """A rerun (or a run after a single-task encode) reuses cached experts: the dry run's hours
+    must not count training them again, and it says what it found."""
+    import d3codec.distill.cost as cost
+    from d3codec.distill.experts import train_experts
+    from d3codec.distill.federated.run import run_teacher
+    from d3codec.distill.federated.sharing import _expert_setup
+
+    probe = cost.Probe(device="cpu", threads=1, seconds=0.1, expert_image=1.0, fit_step=0.0,
+                       fit_start_per_target=0.0, objective_fixed=0.0, objective_per_class=0.0, label_image=0.0,
+                       classes=2, targets=2, objective_classes=2, expert_batch=1, expert_batch_full=1,
+                       rss_before=0, growth={})
+    monkeypatch.setattr(cost, "run_probe", lambda *a, **k: probe)
+    fplan = plan_federated(digits, "10ipc", EncodeOptions(iterations=2, fit_steps=0, expert_epochs=1, num_experts=1,
+                                                          cache_dir=str(tmp_path), quiet=True), 2)
+    before = cost.estimate_cost(digits, fplan)
+    assert before["teacher"] == pytest.approx(len(digits)) and before["subtask 0"] == pytest.approx(fplan.images[0])
+    assert "found cached" not in cost.render_estimate(before, fplan, 1)
+    run_teacher(digits, fplan)
+    config, classes = _expert_setup(digits, fplan, 0)
+    train_experts(digits, [0], config, classes=classes, cache_dir=str(tmp_path), progress=False)
+    after = cost.estimate_cost(digits, fplan)
+    assert after["teacher"] == 0.0 and after["subtask 0"] == 0.0
+    assert after["subtask 1"] == pytest.approx(fplan.images[1])
+    assert "(subtasks + teacher; 1 subtask expert(s) and the teacher found cached, not counted)" in cost.render_estimate(after, fplan, 1)
