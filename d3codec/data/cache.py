@@ -3,9 +3,12 @@
 Layout of `<cache_dir>/datasets/<source key>-<fingerprint>/`:
 `images.u8` (raw uint8, N x H x W x C, train rows then test rows), `labels.npy` (int64, N),
 `meta.json` (class names, shape, split sizes, train per-channel mean/std in [0, 1] pixel units,
-skipped files). The fingerprint hashes the source identity (file contents, or a folder's listing
-with sizes and mtimes) and the decoding settings, so a changed source gets a new entry; the
-stale entry of the same source is removed. Entries are built in a temporary folder and renamed
+skipped files). The entry is keyed by the source fingerprint: the source identity (file contents,
+or a folder's or tar's listing with sizes and mtimes) and the decoding settings, so a changed source
+gets a new entry; the stale entry of the same source is removed. The dataset's `fingerprint` is the
+content digest of what was decoded (images, labels, class names, split sizes), so a copied or
+re-downloaded source (new mtimes, same images) keeps it, and with it its cached experts and its
+files' provenance. Entries are built in a temporary folder and renamed
 into place (`d3codec.format.atomic.atomic_folder`), so a cache entry is either complete or absent.
 """
 from __future__ import annotations
@@ -32,8 +35,8 @@ from d3codec.format.atomic import atomic_folder
 from d3codec.models.registry import image_size_range
 from d3codec.progress import Progress
 
-#: Bumped whenever the cache layout or decoding changes (it is part of every fingerprint).
-CACHE_VERSION = 2
+#: Bumped whenever the cache layout or decoding changes (it is part of every source fingerprint).
+CACHE_VERSION = 3
 #: Images per worker task (one pwrite each).
 CHUNK = 64
 _MAX_WORKERS = 8
@@ -218,6 +221,8 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
     mean = sums / count
     std = np.sqrt(np.maximum(sqs / count - mean**2, 0.0))
     mean, std = mean / 255.0, np.maximum(std / 255.0, 1e-6)
+    content = content_digest(images_path, np.asarray(labels), list(class_names), [channels, h, w],
+                             int(n_train), int(n_test), progress)
     if not isinstance(labels, np.memmap):
         np.save(os.path.join(tmp, "labels.npy"), labels)
     else:
@@ -226,7 +231,8 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
         "cache_version": CACHE_VERSION,
         "name": source.name,
         "kind": source.kind,
-        "fingerprint": fp,
+        "fingerprint": content,
+        "source_fingerprint": fp,
         "class_names": list(class_names),
         "image_shape": [channels, h, w],
         "layout": "NHWC",
@@ -243,6 +249,22 @@ def _build(source: Source, tmp: str, fp: str, resolution: Optional[int], progres
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def content_digest(images_path: str, labels: np.ndarray, class_names: list[str], shape: list[int],
+                   n_train: int, n_test: int, progress: bool = False) -> str:
+    """Hash of the decoded dataset (32 hex digits): the raw uint8 rows, the labels, the class names,
+    the image shape and the split sizes; independent of where the source lies and of its mtimes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"classes": class_names, "shape": shape, "train": n_train, "test": n_test}).encode() + b"\0")
+    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    block = 1 << 24
+    with open(images_path, "rb") as f, Progress(os.fstat(f.fileno()).st_size >> 20, "hashing the decoded images",
+                                                unit="MB", enabled=progress) as bar:
+        while chunk := f.read(block):
+            h.update(chunk)
+            bar.update(len(chunk) >> 20)
+    return h.hexdigest()
 
 
 def _write_arrays(path: str, arrays: list[np.ndarray], size: tuple[int, int], channels: int,

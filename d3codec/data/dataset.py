@@ -67,7 +67,8 @@ class ImageDataset:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the source content and decoding settings (same for both splits)."""
+        """Digest of the decoded images, labels, class names and split sizes (same for both splits):
+        the same data from another copy of its source (other paths, other mtimes) has the same one."""
         return str(self.entry.meta["fingerprint"])
 
     @property

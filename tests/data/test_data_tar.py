@@ -269,3 +269,19 @@ def test_a_tar_replaced_under_the_same_name_is_read_anew(make_folder, cache_dir,
             Image.fromarray(class_image(c, i + 100)).save(os.path.join(other, f"class_{c}", f"{i:04d}.png"))
     os.replace(_tar_folder(other, str(tmp_path / "new.tar")), path)
     _assert_same(path, other, cache_dir)
+
+
+def test_a_touched_or_copied_tar_keeps_its_fingerprint(make_folder, cache_dir, tmp_path):
+    """New mtimes (a re-provisioned or copied source) rebuild the cache entry, but the same decoded
+    images keep the dataset's fingerprint: cached experts and files' provenance still match."""
+    path = _tar_folder(make_folder(classes=2, per_class=10), str(tmp_path / "set.tar"))
+    first = open_dataset(path, cache_dir=cache_dir, progress=False)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = open_dataset(path, cache_dir=cache_dir, progress=False)
+    assert touched.entry.meta["source_fingerprint"] != first.entry.meta["source_fingerprint"]
+    assert touched.fingerprint == first.fingerprint
+    copy = str(tmp_path / "copy.tar")
+    with open(path, "rb") as f, open(copy, "wb") as g:
+        g.write(f.read())
+    assert open_dataset(copy, cache_dir=cache_dir, progress=False).fingerprint == first.fingerprint
