@@ -258,7 +258,7 @@ def content_digest(images_path: str, labels: np.ndarray, class_names: list[str],
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({"classes": class_names, "shape": shape, "train": n_train, "test": n_test}).encode() + b"\0")
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
-    block = 1 << 24
+    block = 1 << 22
     with open(images_path, "rb") as f, Progress(os.fstat(f.fileno()).st_size >> 20, "hashing the decoded images",
                                                 unit="MB", enabled=progress) as bar:
         while chunk := f.read(block):
