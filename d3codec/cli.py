@@ -306,6 +306,11 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
                    "about an epoch, as on CPU, caps the student near its own accuracy (RESULTS.md). "
                    "With --subtasks, auto is soft, from a teacher over all classes trained for at least 1,000 "
                    "steps: the labels are what relates classes of different subtasks.")
+@click.option("--own-class-weight", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="With soft labels: store each component's label as W x its own class + (1 - W) x the "
+                   "teacher's probabilities (0: the teacher's alone, the paper's). Raise it (e.g. 0.8) when "
+                   "the teacher hardly knows the components, as the encode's 'labels: the teacher's top "
+                   "class ...' line shows: a near-chance teacher's labels are near uniform (RESULTS.md).")
 @click.option("--latents-per-class", type=click.IntRange(min=1), help="K, at least 1 (default: planned).")
 @click.option("--latent-dim", type=click.IntRange(min=1), help="D, at least 1 (default: planned).")
 @click.option("--width", type=click.IntRange(min=1), help="Decoder width (default: the widest that fits).")
@@ -329,8 +334,9 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
                skip_bad_images: bool, cache_dir: Optional[str], objective: str, iterations: Optional[int],
                fit_steps: Optional[int], seed: int, device: str, classes: Optional[str], resume: bool, checkpoint_every: int, dry_run: bool,
-               weights_dtype: str, latent_dtype: str, labels: str, latents_per_class: Optional[int],
-               latent_dim: Optional[int], width: Optional[int], num_experts: Optional[int],
+               weights_dtype: str, latent_dtype: str, labels: str, own_class_weight: float,
+               latents_per_class: Optional[int], latent_dim: Optional[int], width: Optional[int],
+               num_experts: Optional[int],
                expert_epochs: Optional[int], unroll: Optional[str], subtasks: Optional[int], subtask: Optional[int],
                split: Optional[str], nproc: int, threads: Optional[int], quiet: bool) -> None:
     """Distil DATASET's train split into one .d3 file of at most --budget bytes (D3: K Gaussian
@@ -360,7 +366,8 @@ def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optio
     options = EncodeOptions(objective=objective, iterations=iterations, fit_steps=fit_steps, seed=seed, device=device,
                             classes=_parse_classes(classes), resume=resume, checkpoint_every=checkpoint_every,
                             dry_run=dry_run, quiet=quiet and not dry_run, weight_dtype=weights_dtype,
-                            latent_dtype=latent_dtype, labels=labels, latents_per_class=latents_per_class,
+                            latent_dtype=latent_dtype, labels=labels, own_class_weight=own_class_weight,
+                            latents_per_class=latents_per_class,
                             latent_dim=latent_dim, width=width, num_experts=num_experts,
                             expert_epochs=expert_epochs, cache_dir=cache_dir,
                             overrides={"unroll": unroll} if unroll else {})

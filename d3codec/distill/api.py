@@ -22,7 +22,7 @@ from d3codec.distill.cost import Estimate, cached_experts, estimate_single, rend
 from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, budget_latent_cap, cpu_defaults,
                                        default_fit_steps, fit_latent_cap, images_per_class)
 from d3codec.distill.experts import ExpertConfig, ensure_experts
-from d3codec.distill.labels import resolve_labels, store_labels, teacher_labels
+from d3codec.distill.labels import MIN_TEACHER_STEPS, LabelStorage, resolve_labels, store_labels, teacher_labels
 from d3codec.distill.loop import run_loop
 from d3codec.distill.paper import compare_with_paper
 from d3codec.distill.planner import Plan, plan_budget, store_decoder_state, store_priors
@@ -53,6 +53,7 @@ class EncodeOptions:
     weight_dtype: str = "I8"
     latent_dtype: str = "I8"
     labels: str = "auto"                 # auto | soft | hard
+    own_class_weight: float = 0.0        # soft labels: weight of the component's own class in the mix
     latents_per_class: Optional[int] = None
     latent_dim: Optional[int] = None
     width: Optional[int] = None
@@ -127,8 +128,18 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
                             "compute": compute_record(options.device)}
     if options.classes is not None:
         prov["classes"] = [int(c) for c in classes]
+    if options.own_class_weight:
+        prov["own_class_weight"] = options.own_class_weight
     prov.update(options.extra_provenance)
     return prov
+
+
+def with_own_class(storage: LabelStorage, weight: float) -> LabelStorage:
+    """`storage` with the own-class weight of `--own-class-weight` (soft labels only; the bytes are
+    the same whatever the weight, so the plan does not change)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"--own-class-weight must be in 0..1, got {weight}")
+    return storage if storage.kind == "hard" else replace(storage, own=float(weight))
 
 
 def smallest_class(real: Any) -> int:
@@ -182,6 +193,11 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
     labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
+    if options.own_class_weight and labels == "hard":
+        why = "" if options.labels == "hard" else (f" (--labels auto is hard here: the teacher's {experts[1]} "
+                                                  f"epoch(s) are under {MIN_TEACHER_STEPS:,} SGD steps)")
+        raise ConfigError(f"--own-class-weight mixes the teacher's soft labels with the own class, but the labels "
+                          f"are hard{why}; pass --labels soft, or drop --own-class-weight")
     max_k = smallest_class(real) if max_latents is None else max_latents
     ipc = images_per_class(b.bytes, len(classes), metadata.image_shape)
     if cfg.init == "real":
@@ -200,7 +216,7 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         if steps != cfg.fit_steps:  # the provenance records the fit: plan again with it
             cfg = replace(cfg, fit_steps=steps)
             plan, prov = plan_with(cfg)
-    return plan, cfg, real, prov
+    return replace(plan, labels=with_own_class(plan.labels, options.own_class_weight)), cfg, real, prov
 
 
 def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],

@@ -25,18 +25,21 @@ MIN_TEACHER_STEPS = 1000
 
 @dataclass(frozen=True)
 class LabelStorage:
-    """How labels are stored: kind `hard`, `dense` or `topk`; `k` for topk; `dtype` of the values."""
+    """How labels are stored: kind `hard`, `dense` or `topk`; `k` for topk; `dtype` of the values;
+    `own`: the weight of each component's own class mixed into the teacher's probabilities."""
 
     kind: str = "hard"
     k: int = 0
     dtype: str = "U8"
+    own: float = 0.0
 
     def describe(self) -> str:
         if self.kind == "hard":
             return "hard (class of the component, 0 bytes)"
+        mixed = f", {self.own:g} x own class + {1 - self.own:g} x teacher" if self.own else ""
         if self.kind == "dense":
-            return f"soft dense {self.dtype}"
-        return f"soft top-{self.k} ({self.dtype} values)"
+            return f"soft dense {self.dtype}{mixed}"
+        return f"soft top-{self.k} ({self.dtype} values){mixed}"
 
 
 def index_dtype(num_classes: int) -> str:
@@ -98,14 +101,29 @@ def teacher_agreement(probs: torch.Tensor) -> str:
             f"components (mean probability of the own class {p_own:.3f}; chance {1 / c:.3f})")
 
 
+def mix_own_class(probs: torch.Tensor, own: float) -> torch.Tensor:
+    """`own` x each component's own class + (1 - `own`) x `probs` [N, K, classes] (row n: class n's
+    components): a student trained on it minimises `own` x its hard-label loss + (1 - `own`) x its
+    loss on the teacher's labels, the classic distillation mix."""
+    if not 0.0 <= own <= 1.0:
+        raise ValueError(f"the own-class weight must be in [0, 1], got {own}")
+    if own == 0.0:
+        return probs
+    n = probs.shape[0]
+    onehot = torch.zeros_like(probs)
+    onehot[torch.arange(n), :, torch.arange(n)] = 1.0
+    return own * onehot + (1.0 - own) * probs
+
+
 def teacher_labels(teacher: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], n: int, k: int,
                    storage: LabelStorage, log: Optional[Callable[[str], None]] = None) -> Labels:
     """The components' soft labels as `storage` says: `teacher`'s softmax on their mean images
-    (`batches`, class-major); `log` gets how well the teacher knows them (`teacher_agreement`)."""
+    (`batches`, class-major), mixed with their own class by `storage.own`; `log` gets how well the
+    teacher knows them (`teacher_agreement`, before the mix)."""
     probs = teacher_probs_of_batches(teacher, batches, n, k)
     if log is not None:
         log(teacher_agreement(probs))
-    return store_labels(probs, storage)
+    return store_labels(mix_own_class(probs, storage.own), storage)
 
 
 def steps_per_epoch(train_images: int, batch_size: int) -> int:

@@ -58,3 +58,23 @@ def test_the_fit_progress_starts_after_the_pca_start_of_the_codes(tmp_path, monk
     err = res.stderr
     start = err.index("fit: 0/3 it")
     assert "principal axes computed" in err[:start] and "principal axes computed" not in err[start:], err
+
+
+def test_own_class_weight_reaches_the_file_and_refuses_hard_labels(tmp_path) -> None:
+    from d3codec.format.io import load
+
+    data = many_classes_npz(tmp_path / "many.npz", classes=10)
+    res = _encode(tmp_path, data, "--labels", "soft", "--own-class-weight", "0.8", "-q")
+    assert res.exit_code == 0, res.output
+    d3 = load(str(tmp_path / "out.d3"))
+    probs = d3.labels.probs.dequantize()
+    n = probs.shape[0]
+    assert bool((probs[range(n), :, range(n)] >= 0.8).all())   # the own class holds at least the weight
+    assert d3.provenance["own_class_weight"] == 0.8
+    bad = CliRunner().invoke(cli, ["encode", data, "--budget", "1ipc", "-o", str(tmp_path / "h.d3"), "--labels", "hard",
+                                   "--own-class-weight", "0.5", "--cache-dir", str(tmp_path / "cache")])
+    assert bad.exit_code != 0 and "--own-class-weight" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "h.d3").exists()
+    auto = CliRunner().invoke(cli, ["encode", data, "--budget", "1ipc", "--dry-run", "--expert-epochs", "1",
+                                    "--own-class-weight", "0.5", "--cache-dir", str(tmp_path / "cache")])
+    assert auto.exit_code != 0 and "--labels auto is hard here" in auto.output, auto.output

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from d3codec.distill.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from d3codec.distill.labels import (MIN_TEACHER_STEPS, LabelStorage, index_dtype, resolve_labels, store_labels,
-                                   teacher_agreement, teacher_probs_of_batches)
+from d3codec.distill.labels import (MIN_TEACHER_STEPS, LabelStorage, index_dtype, mix_own_class, resolve_labels,
+                                   store_labels, teacher_agreement, teacher_labels, teacher_probs_of_batches)
 from d3codec.errors import ConfigError
 
 
@@ -52,6 +52,31 @@ def test_teacher_agreement_counts_components_whose_top_class_is_their_own() -> N
     line = teacher_agreement(p)
     assert "40.0% of the 20 components" in line
     assert "own class 0.340" in line and "chance 0.250" in line  # (2 x 0.7 + 3 x 0.1) / 5
+
+
+def test_own_class_weight_mixes_each_component_with_its_own_class() -> None:
+    p = _probs()                                          # 5 classes x 2 components x 10 outputs
+    mixed = mix_own_class(p, 0.8)
+    own = torch.zeros_like(p)
+    for c in range(5):
+        own[c, :, c] = 1.0
+    assert torch.allclose(mixed, 0.8 * own + 0.2 * p) and torch.allclose(mixed.sum(-1), torch.ones(5, 2))
+    assert mix_own_class(p, 0.0) is p
+    with pytest.raises(ValueError):
+        mix_own_class(p, 1.5)
+
+
+def test_teacher_labels_store_the_mix_and_log_the_teacher_before_it() -> None:
+    """The stored labels are the mix; the agreement line describes the teacher itself."""
+    uniform = lambda x: torch.zeros(x.shape[0], 4)        # noqa: E731 - a teacher that knows nothing
+    batches = [torch.zeros(6, 1, 2, 2), torch.zeros(2, 1, 2, 2)]  # 4 classes x 2 components
+    lines: list[str] = []
+    lab = teacher_labels(uniform, batches, 4, 2, LabelStorage("dense", dtype="U8", own=0.8), lines.append)
+    probs = lab.probs.dequantize()
+    assert torch.allclose(probs[2, :, 2], torch.full((2,), 0.85), atol=1 / 255)   # 0.8 + 0.2 / 4
+    assert torch.allclose(probs[2, :, 0], torch.full((2,), 0.05), atol=1 / 255)
+    assert "own class 0.250" in lines[0]                  # the teacher's own view: uniform
+    assert "0.8 x own class + 0.2 x teacher" in LabelStorage("dense", own=0.8).describe()
 
 
 def test_checkpoint_round_trip_with_optimizer_state(tmp_path) -> None:

@@ -205,4 +205,19 @@ def test_estimate_leaves_out_experts_and_a_teacher_found_cached(digits, tmp_path
     after = cost.estimate_cost(digits, fplan)
     assert after["teacher"] == 0.0 and after["subtask 0"] == 0.0
     assert after["subtask 1"] == pytest.approx(fplan.images[1])
-    assert "(subtasks + teacher; 1 subtask expert(s) and the teacher found cached, not counted)" in cost.render_estimate(after, fplan, 1)
+    line = cost.render_estimate(after, fplan, 1)
+    assert "(subtasks + teacher; 1 subtask expert(s) and the teacher found cached, not counted)" in line
+
+
+def test_own_class_weight_travels_to_the_merge_in_the_parts_record(digits) -> None:
+    """`merge` rebuilds the labels from the parts' record alone (jobs + merge give the same file):
+    the weight is in it, the subtasks themselves stay hard, and it is part of the run key."""
+    from d3codec.distill.labels import LabelStorage
+
+    fplan = plan_federated(digits, "10ipc", EncodeOptions(iterations=2, own_class_weight=0.8), 2)
+    assert fplan.labels.own == 0.8 and fplan.merged_provenance["own_class_weight"] == 0.8
+    assert LabelStorage(**fplan.record(0)["labels"]).own == 0.8
+    assert fplan.subtask_options(0).own_class_weight == 0.0 and fplan.subtask_options(0).labels == "hard"
+    assert plan_federated(digits, "10ipc", EncodeOptions(iterations=2), 2).run != fplan.run
+    with pytest.raises(ConfigError, match="own-class-weight"):
+        plan_federated(digits, "10ipc", EncodeOptions(iterations=2, labels="hard", own_class_weight=0.8), 2)

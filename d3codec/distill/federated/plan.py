@@ -106,7 +106,7 @@ def subtask_options(options: EncodeOptions, classes: Sequence[int], seed: int, k
     """The run's options narrowed to one subtask: its classes, seed, the shared K and D, hard labels
     (the merged file's labels come from the teacher), one thread, and its `federated` record."""
     return replace(options, classes=list(classes), seed=seed, latents_per_class=k, latent_dim=d, labels="hard",
-                   width=width or options.width, dry_run=False, resume=True,
+                   own_class_weight=0.0, width=width or options.width, dry_run=False, resume=True,
                    extra_provenance={**options.extra_provenance, RECORD: record,
                                      "compute": compute_record(options.device, threads=1)})
 

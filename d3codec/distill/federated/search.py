@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
 from d3codec._version import __version__
-from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class
+from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class, with_own_class
 from d3codec.distill.distiller import budget_latent_cap
 from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
                                            subtask_options)
@@ -133,7 +133,10 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
                         width=options.width, weight_dtype=options.weight_dtype, latent_dtype=options.latent_dtype,
                         labels=options.labels,  # auto: soft, the teacher trains long enough (teacher_epochs)
                         constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
-    k, d, labels = whole.latents_per_class, whole.latent_dim, whole.labels
+    k, d, labels = whole.latents_per_class, whole.latent_dim, with_own_class(whole.labels, options.own_class_weight)
+    if options.own_class_weight and labels.kind == "hard":
+        raise ConfigError("--own-class-weight mixes the teacher's soft labels with the own class, but the labels "
+                          "are hard; drop --labels hard or --own-class-weight")
     if options.latents_per_class is None:
         k = min(k, default_latents_per_class(b, metadata.num_classes, d, options.latent_dtype,
                                              label_bytes(labels, metadata.num_classes), not cfg.learn_logvar))
@@ -171,6 +174,8 @@ def unsearched_plan(dataset: Any, b: Budget, options: EncodeOptions, subtasks: i
                    "iterations": cfg.iterations, "experts": [n_exp, n_ep],
                    "federated": {"subtasks": subtasks, "split": split, "teacher": teacher},
                    "compute": compute_record(options.device, threads=1)}
+    if options.own_class_weight and teacher is not None:
+        merged_prov["own_class_weight"] = options.own_class_weight
     fplan = FederatedPlan(budget=b, split=split, groups=groups, seeds=seeds, share=b.bytes // subtasks, plans=[],
                           labels=layout.labels, teacher=teacher, run=run, merged_provenance=merged_prov, bound=0,
                           breakdown={}, guaranteed=True, num_classes=n,
