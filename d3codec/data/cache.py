@@ -1,6 +1,6 @@
-"""The decoded-image cache: one uint8 memory-mapped array per dataset, keyed by fingerprint.
+"""The decoded-image cache: one uint8 memory-mapped array per dataset, keyed by source fingerprint.
 
-Layout of `<cache_dir>/datasets/<source key>-<fingerprint>/`:
+Layout of `<cache_dir>/datasets/<source key>-<source fingerprint>/`:
 `images.u8` (raw uint8, N x H x W x C, train rows then test rows), `labels.npy` (int64, N),
 `meta.json` (class names, shape, split sizes, train per-channel mean/std in [0, 1] pixel units,
 skipped files). The entry is keyed by the source fingerprint: the source identity (file contents,
