@@ -134,12 +134,18 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
     return prov
 
 
-def with_own_class(storage: LabelStorage, weight: float) -> LabelStorage:
-    """`storage` with the own-class weight of `--own-class-weight` (soft labels only; the bytes are
-    the same whatever the weight, so the plan does not change)."""
+def with_own_class(storage: LabelStorage, weight: float, why_hard: str = "") -> LabelStorage:
+    """`storage` with the own-class weight of `--own-class-weight` (the bytes are the same whatever
+    the weight, so the plan does not change); a weight on hard labels is an error (`why_hard` says
+    why they are hard, where the user did not ask for it)."""
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"--own-class-weight must be in 0..1, got {weight}")
-    return storage if storage.kind == "hard" else replace(storage, own=float(weight))
+    if not weight:
+        return storage
+    if storage.kind == "hard":
+        raise ConfigError(f"--own-class-weight mixes the teacher's soft labels with the own class, but the labels "
+                          f"are hard{why_hard}; pass --labels soft, or drop --own-class-weight")
+    return replace(storage, own=float(weight))
 
 
 def smallest_class(real: Any) -> int:
@@ -193,11 +199,6 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
     cfg = options.distill_config()
     experts = options.expert_settings(cfg, len(real))
     labels = resolve_labels(options.labels, experts[1], len(real), ExpertConfig.batch_size)
-    if options.own_class_weight and labels == "hard":
-        why = "" if options.labels == "hard" else (f" (--labels auto is hard here: the teacher's {experts[1]} "
-                                                  f"epoch(s) are under {MIN_TEACHER_STEPS:,} SGD steps)")
-        raise ConfigError(f"--own-class-weight mixes the teacher's soft labels with the own class, but the labels "
-                          f"are hard{why}; pass --labels soft, or drop --own-class-weight")
     max_k = smallest_class(real) if max_latents is None else max_latents
     ipc = images_per_class(b.bytes, len(classes), metadata.image_shape)
     if cfg.init == "real":
@@ -216,7 +217,9 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
         if steps != cfg.fit_steps:  # the provenance records the fit: plan again with it
             cfg = replace(cfg, fit_steps=steps)
             plan, prov = plan_with(cfg)
-    return replace(plan, labels=with_own_class(plan.labels, options.own_class_weight)), cfg, real, prov
+    why = (f" (--labels auto is hard here: the teacher's {experts[1]} epoch(s) are under {MIN_TEACHER_STEPS:,} SGD "
+           "steps)" if options.labels == "auto" and labels == "hard" else "")
+    return replace(plan, labels=with_own_class(plan.labels, options.own_class_weight, why)), cfg, real, prov
 
 
 def encode(dataset: Any, budget: Union[str, int, Budget], output: Optional[str],

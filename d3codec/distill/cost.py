@@ -377,8 +377,8 @@ def estimate_cost(dataset: Any, fplan: "FederatedPlan") -> dict[str, float]:
         images = sum(fplan.images)
         components = fplan.num_classes * fplan.plans[0].latents_per_class
         t = fplan.teacher
-        cache_dir = fplan.data.cache_dir if fplan.data else fplan.options.cache_dir
-        out["cached teacher"] = cached_experts(dataset, None, t["experts"], t["epochs"], t["seed"], cache_dir)
+        out["cached teacher"] = cached_experts(dataset, None, t["experts"], t["epochs"], t["seed"],
+                                               fplan.teacher_cache_dir)
         out["teacher"] = ((t["experts"] - out["cached teacher"]) * t["epochs"] * images * probe.expert_image
                           + components * probe.label_image)
     out["peak_bytes"] = float(peak)

@@ -68,6 +68,11 @@ class FederatedPlan:
                 "labels": asdict(self.labels), "teacher": self.teacher,
                 "merged": self.merged_provenance}
 
+    @property
+    def teacher_cache_dir(self) -> Optional[str]:
+        """The expert cache the teacher is trained into and found in (the data's, where given)."""
+        return self.data.cache_dir if self.data else self.options.cache_dir
+
     def subtask_options(self, index: int, share: Optional[int] = None) -> EncodeOptions:
         """The single-task `encode` options of subtask `index`."""
         return subtask_options(self.options, self.groups[index], self.seeds[index],

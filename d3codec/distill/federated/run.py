@@ -111,10 +111,9 @@ def run_teacher(dataset: Any, fplan: FederatedPlan, device: Optional[str] = None
     """Train (or find cached) the merged file's teacher over all classes, as `merge` will ask for it."""
     if fplan.teacher is None:
         return
-    cache_dir = fplan.data.cache_dir if fplan.data else fplan.options.cache_dir
     with single_thread():
         ensure_experts(dataset, num_experts=fplan.teacher["experts"], epochs=fplan.teacher["epochs"],
-                       seed=fplan.teacher["seed"], cache_dir=cache_dir, device=device or fplan.options.device,
+                       seed=fplan.teacher["seed"], cache_dir=fplan.teacher_cache_dir, device=device or fplan.options.device,
                        progress=not fplan.options.quiet)
 
 

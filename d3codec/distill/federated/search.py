@@ -134,9 +134,6 @@ def merged_layout(dataset: Any, b: Budget, options: EncodeOptions) -> Layout:
                         labels=options.labels,  # auto: soft, the teacher trains long enough (teacher_epochs)
                         constant_logvar=not cfg.learn_logvar, max_latents_per_class=max_k)
     k, d, labels = whole.latents_per_class, whole.latent_dim, with_own_class(whole.labels, options.own_class_weight)
-    if options.own_class_weight and labels.kind == "hard":
-        raise ConfigError("--own-class-weight mixes the teacher's soft labels with the own class, but the labels "
-                          "are hard; drop --labels hard or --own-class-weight")
     if options.latents_per_class is None:
         k = min(k, default_latents_per_class(b, metadata.num_classes, d, options.latent_dtype,
                                              label_bytes(labels, metadata.num_classes), not cfg.learn_logvar))
