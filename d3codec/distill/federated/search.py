@@ -21,8 +21,7 @@ from typing import Any, Callable, Optional, Union
 from d3codec._version import __version__
 from d3codec.distill.api import EncodeOptions, compute_record, plan_for, smallest_class, with_own_class
 from d3codec.distill.distiller import budget_latent_cap
-from d3codec.distill.federated.plan import (DATASET_RESERVE, FederatedPlan, planning_budget, run_key,
-                                           subtask_options)
+from d3codec.distill.federated.plan import DATASET_RESERVE, FederatedPlan, planning_budget, run_key
 from d3codec.distill.federated.split import split_classes, subtask_seed
 from d3codec.distill.experts import ExpertConfig
 from d3codec.distill.labels import MIN_TEACHER_STEPS, LabelStorage, steps_per_epoch
@@ -176,7 +175,8 @@ def unsearched_plan(dataset: Any, b: Budget, options: EncodeOptions, subtasks: i
     fplan = FederatedPlan(budget=b, split=split, groups=groups, seeds=seeds, share=b.bytes // subtasks, plans=[],
                           labels=layout.labels, teacher=teacher, run=run, merged_provenance=merged_prov, bound=0,
                           breakdown={}, guaranteed=True, num_classes=n,
-                          images=[int(counts[g].sum()) for g in groups], data=data, options=options)
+                          images=[int(counts[g].sum()) for g in groups],
+                          image_shape=tuple(int(x) for x in dataset.metadata().image_shape), data=data, options=options)
     return fplan, layout
 
 
@@ -191,8 +191,7 @@ def part_plans(dataset: Any, fplan: FederatedPlan, share: int, k: int, d: int,
     part = planning_budget(share)
     out = []
     for i in range(subtasks):
-        sub = subtask_options(fplan.options, fplan.groups[i], fplan.seeds[i], k, d, fplan.record(i, share),
-                              widths[i] if widths else None)
+        sub = fplan.subtask_options(i, share, k, d, widths[i] if widths else None)
         try:
             out.append(plan_for(dataset, part, sub)[0])
         except BudgetError:
