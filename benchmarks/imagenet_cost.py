@@ -144,7 +144,6 @@ def main() -> None:
     from d3codec.data import open_dataset
     from d3codec.distill.api import EncodeOptions
     from d3codec.distill.cost import _wall_seconds
-    from d3codec.distill.distiller import default_fit_steps, images_per_class
     from d3codec.distill.federated import plan_federated
 
     ds = open_dataset("imagenet", data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
@@ -176,8 +175,7 @@ def main() -> None:
         images = per_class_images * n
         experts = n_exp * n_ep * images * step_img
         targets = n * k
-        ipc = images_per_class(fplan.planning_budget().bytes, n, tuple(ds.image_shape))  # as the subtask's encode
-        fit_steps = default_fit_steps(targets, cfg, tuple(ds.image_shape), ipc) if cfg.init == "real" else 0
+        fit_steps = fplan.subtask_options(i).distill_config().fit_iterations  # its share of the single task's fit
         fit = fit_steps * min(cfg.fit_batch, targets) * units["fit_target"]
         mtt = (n * math.ceil(cfg.unroll_batch / n) * units["mtt_decoded"]
                + cfg.syn_steps * cfg.unroll_batch * units["mtt_image_step"]) if "mtt" in cfg.objective else 0.0

@@ -319,8 +319,8 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 @click.option("--expert-epochs", type=click.IntRange(min=1), help="Epochs per expert, at least 1 (default: planned).")
 @click.option("--unroll", type=click.Choice(["exact", "tesla", "naive"]), help="Trajectory-matching gradient.")
 @click.option("--subtasks", type=click.IntRange(min=1), help="Federated: split the classes into N subtasks (own "
-              "experts, decoder, "
-              "budget share), run them in parallel ranks, merge into one file.")
+              "experts, decoder, budget share), run them in parallel ranks, merge into one file. Each subtask does "
+              "its share of one single-task encode's work (fit steps, expert images, MMD draws per class).")
 @click.option("--subtask", type=click.IntRange(min=0), help="With --subtasks: run only subtask I and write its part "
               "file to -o "
               "(batch-cluster jobs; then d3codec merge).")

@@ -10,7 +10,8 @@ searched up from budget / subtasks (each part carries a header the merged file h
 the merged file's size estimate fits the budget: the search gives each part its widest decoder.
 Then K grows into what their width steps left (or shrinks where the merged file's own parts left
 too few). Every step is a named function of the unsearched plan and a trial; none changes the
-plan it is given.
+plan it is given. A subtask's work (fit steps, expert epochs, iterations) is its share of the
+single task's at the searched K (`plan.subtask_work`), not what its byte share would plan alone.
 """
 from __future__ import annotations
 
