@@ -143,7 +143,7 @@ def main() -> None:
 
     from d3codec.data import open_dataset
     from d3codec.distill.api import EncodeOptions
-    from d3codec.distill.cost import _wall_seconds
+    from d3codec.distill.cost import wall_seconds
     from d3codec.distill.federated import plan_federated
 
     ds = open_dataset("imagenet", data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False)
@@ -195,7 +195,7 @@ def main() -> None:
         print(f"teacher: {fplan.teacher['epochs']} epochs over {args.images:,} images, {teacher / 1e15:,.1f} PFLOP; "
               f"labels {labels / 1e12:.3f} TFLOP; {cost['teacher'] / 3600:.2f} GPU-h")
     total = sum(v for key, v in cost.items() if not key.endswith("experts"))
-    wall = _wall_seconds(cost, fplan, args.gpus)
+    wall = wall_seconds(cost, fplan, args.gpus)
     print(f"total {total / 3600:.2f} GPU-h; wall {wall / 3600:.2f} h on {args.gpus} GPUs with the encoder's rank "
           f"schedule (H100: {args.tflops:g} TFLOPS = {100 * args.tflops / H100_PEAK['tf32']:.0f}% of dense TF32 "
           f"peak, {100 * args.tflops / H100_PEAK['bf16']:.1f}% of dense bf16 peak)")

@@ -385,7 +385,7 @@ def estimate_cost(dataset: Any, fplan: "FederatedPlan") -> dict[str, float]:
     return out
 
 
-def _wall_seconds(cost: dict[str, float], fplan: "FederatedPlan", ranks: int) -> float:
+def wall_seconds(cost: dict[str, float], fplan: "FederatedPlan", ranks: int) -> float:
     """Wall time of the run on `ranks` ranks: each rank trains its expert shares, then runs its
     tasks in order; a shared subtask's lead distils once its whole group has trained its shares."""
     # local: the federated package imports this module (its dry run's estimate)
@@ -414,7 +414,7 @@ def render_estimate(cost: dict[str, float], fplan: "FederatedPlan", ranks: int) 
     kind = "GPU" if device.startswith("cuda") else "CPU-process"
     tasks = [cost[f"subtask {i}"] for i in range(fplan.subtasks)] + ([cost["teacher"]] if "teacher" in cost else [])
     total = sum(tasks)
-    wall = _wall_seconds(cost, fplan, max(1, ranks))
+    wall = wall_seconds(cost, fplan, max(1, ranks))
     memory = f"; peak memory about {format_bytes(cost['peak_bytes'])} per process" if "peak_bytes" in cost else ""
     cached = [f"{int(cost['cached experts'])} subtask expert(s)"] if cost.get("cached experts") else []
     cached += ["the teacher"] if cost.get("cached teacher") else []

@@ -46,6 +46,8 @@ def test_torchrun_two_ranks_equals_serial_byte_for_byte(serial_run: str, tmp_pat
     out = str(tmp_path / "torchrun.d3")
     proc = run_cli(encode_args(out, str(tmp_path / "cache")), torchrun=2)
     assert "[rank 1] subtask 1:" in proc.stderr and "[rank 0] subtask 2:" in proc.stderr  # round-robin
+    assert "h wall with 2 process(es)" in proc.stderr                              # the estimate first,
+    assert "federated run took" in proc.stderr and "with 2 process(es) (estimate" in proc.stderr  # the run against it
     assert _read(out) == _read(serial_run)
 
 

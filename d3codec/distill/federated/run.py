@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import replace
 from typing import Any, Callable, Optional, Union
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from d3codec._process import die_with_parent
 from d3codec.distill.api import EncodeOptions, check_output, encode
-from d3codec.distill.cost import estimate_cost, render_estimate
+from d3codec.distill.cost import estimate_cost, render_estimate, wall_seconds
 from d3codec.distill.experts import ensure_experts
 from d3codec.distill.federated.markers import (SharedExpertFailed, clear_expert_markers, finished_part, part_path,
                                               wait_for_experts)
@@ -41,6 +42,7 @@ from d3codec.errors import ConfigError
 from d3codec.format.errors import OverBudgetError
 from d3codec.format.io import load, save
 from d3codec.format.types import Budget, D3File
+from d3codec.progress import format_duration
 
 Log = Callable[[str], None]
 
@@ -198,17 +200,29 @@ def encode_federated(data: Optional[DataSpec], budget: Union[str, int, Budget], 
         if world > 1:
             raise ConfigError("--subtask runs one subtask in one process; run it without torchrun")
         return run_subtask(dataset, fplan, subtask, output, log=say)
+    if nproc > 1 and data is None:
+        raise ConfigError("--nproc needs a dataset reference (DataSpec) the processes can reopen")
+    ranks = max(world, nproc)
+    estimate = None
+    if rank == 0 and not options.quiet:  # as a single-task encode: the estimate first, the run against it last
+        cost = estimate_cost(dataset, fplan)
+        say(render_estimate(cost, fplan, ranks))
+        estimate = wall_seconds(cost, fplan, ranks)
+    started = time.perf_counter()
     workdir = os.path.abspath(output) + ".parts"
     os.makedirs(workdir, exist_ok=True)
     if world > 1:
-        return _run_torchrun(dataset, fplan, workdir, output, rank, world, local_rank, say)
-    if nproc > 1:
-        if data is None:
-            raise ConfigError("--nproc needs a dataset reference (DataSpec) the processes can reopen")
-        _run_local_processes(data, fplan, workdir, nproc)
+        result = _run_torchrun(dataset, fplan, workdir, output, rank, world, local_rank, say)
     else:
-        run_tasks(dataset, fplan, workdir, 0, 1, log=say)
-    return _merge_and_clean(dataset, fplan, workdir, output, say)
+        if nproc > 1:
+            _run_local_processes(data, fplan, workdir, nproc)
+        else:
+            run_tasks(dataset, fplan, workdir, 0, 1, log=say)
+        result = _merge_and_clean(dataset, fplan, workdir, output, say)
+    if estimate is not None:
+        say(f"federated run took {format_duration(time.perf_counter() - started)} with {ranks} process(es) "
+            f"(estimate {format_duration(estimate)})")
+    return result
 
 
 def _merge_and_clean(dataset: Any, fplan: FederatedPlan, workdir: str, output: str, say: Log) -> D3File:
