@@ -123,16 +123,18 @@ def subtask_work(options: EncodeOptions, classes: int, num_classes: int, train_i
                  image_shape: Sequence[int], budget_bytes: int, k: Optional[int]) -> dict[str, int]:
     """The default work of a subtask of `classes` of the run's `num_classes` classes, as
     `EncodeOptions` fields: its share of what the single task of all classes at K=`k` would do, so
-    S subtasks do one task's work between them. The fit: the single task's steps times the share;
-    the experts: the single task's epochs, over the subtask's images; the objective: as many
-    draws of each class as the single task's. What the user set (--fit-steps, --expert-epochs,
-    --iterations) passes unchanged."""
+    S subtasks do about one task's work between them. The fit: the single task's steps times the
+    share, but at least the floor every decoder gets (`DistillConfig.fit_steps`: half of it cost a
+    CIFAR-10 federated file 2 points); the experts: the single task's epochs, over the subtask's
+    images; the objective: as many draws of each class as the single task's. What the user set
+    (--fit-steps, --expert-epochs, --iterations) passes unchanged."""
     cfg = options.distill_config()
     share = classes / max(1, num_classes)
     work: dict[str, int] = {}
     if options.fit_steps is None and "fit_steps" not in options.overrides and cfg.init == "real" and k:
         ipc = images_per_class(budget_bytes, num_classes, image_shape)
-        work["fit_steps"] = max(1, round(share * default_fit_steps(num_classes * k, cfg, image_shape, ipc)))
+        whole = default_fit_steps(num_classes * k, cfg, image_shape, ipc)
+        work["fit_steps"] = max(cfg.fit_steps, round(share * whole))
     if options.expert_epochs is None:
         work["expert_epochs"] = options.expert_settings(cfg, train_images)[1]
     if options.iterations is None and "iterations" not in options.overrides and cfg.iterations:
