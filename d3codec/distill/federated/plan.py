@@ -17,7 +17,6 @@ from d3codec.distill.planner import Plan
 from d3codec.format.types import Budget
 
 #: Bumped when the federated plan or part layout changes (part of every run key).
-#: 2: a subtask does its share of the single task's work (`subtask_work`).
 FEDERATED_VERSION = 2
 #: Bytes of each part kept for the dataset reference `merge` reopens (paths): parts are planned
 #: without it, so where the data and caches live never changes what is trained.
@@ -124,8 +123,8 @@ def subtask_work(options: EncodeOptions, classes: int, num_classes: int, train_i
     """The default work of a subtask of `classes` of the run's `num_classes` classes, as
     `EncodeOptions` fields: its share of what the single task of all classes at K=`k` would do, so
     S subtasks do about one task's work between them. The fit: the single task's steps times the
-    share, but at least the floor every decoder gets (`DistillConfig.fit_steps`: half of it cost a
-    CIFAR-10 federated file 2 points); the experts: the single task's epochs, over the subtask's
+    share, but at least the floor every decoder gets (`DistillConfig.fit_steps`: a decoder trained
+    for less fits worse, RESULTS.md "Subtasks that do their share"); the experts: the single task's epochs, over the subtask's
     images; the objective: as many draws of each class as the single task's. What the user set
     (--fit-steps, --expert-epochs, --iterations) passes unchanged."""
     cfg = options.distill_config()
