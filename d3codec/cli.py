@@ -69,6 +69,19 @@ _device_option = click.option(
          "results for a seed are promised on the CPU (--device cpu).")
 
 
+def _own_class_weight(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    """--own-class-weight: `auto`, or a number in 0..1."""
+    if value == "auto":
+        return value
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not 0.0 <= weight <= 1.0:
+        raise click.BadParameter(f"{value!r} is neither auto nor a number in 0..1")
+    return weight
+
+
 # ---- commands are added below, one section per command ----
 
 
@@ -306,11 +319,12 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
                    "about an epoch, as on CPU, caps the student near its own accuracy (RESULTS.md). "
                    "With --subtasks, auto is soft, from a teacher over all classes trained for at least 1,000 "
                    "steps: the labels are what relates classes of different subtasks.")
-@click.option("--own-class-weight", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+@click.option("--own-class-weight", default="auto", show_default=True, callback=_own_class_weight,
+              metavar="auto|W",
               help="With soft labels: store each component's label as W x its own class + (1 - W) x the "
-                   "teacher's probabilities (0: the teacher's alone, the paper's). Raise it (e.g. 0.8) when "
-                   "the teacher hardly knows the components, as the encode's 'labels: the teacher's top "
-                   "class ...' line shows: a near-chance teacher's labels are near uniform (RESULTS.md).")
+                   "teacher's probabilities (0: the teacher's alone, the paper's). auto: W = 0.8 when the "
+                   "teacher's top class is the component's own for under 25% of the components (a teacher "
+                   "that hardly knows them gives labels near uniform), else 0; the encode logs both.")
 @click.option("--latents-per-class", type=click.IntRange(min=1), help="K, at least 1 (default: planned).")
 @click.option("--latent-dim", type=click.IntRange(min=1), help="D, at least 1 (default: planned).")
 @click.option("--width", type=click.IntRange(min=1), help="Decoder width (default: the widest that fits).")
@@ -334,7 +348,7 @@ def eval_cmd(file: Optional[str], test_spec: str, baseline: Optional[str], train
 def encode_cmd(dataset: str, budget: str, output: Optional[str], data_dir: Optional[str], resolution: Optional[int],
                skip_bad_images: bool, cache_dir: Optional[str], objective: str, iterations: Optional[int],
                fit_steps: Optional[int], seed: int, device: str, classes: Optional[str], resume: bool, checkpoint_every: int, dry_run: bool,
-               weights_dtype: str, latent_dtype: str, labels: str, own_class_weight: float,
+               weights_dtype: str, latent_dtype: str, labels: str, own_class_weight: Any,
                latents_per_class: Optional[int], latent_dim: Optional[int], width: Optional[int],
                num_experts: Optional[int],
                expert_epochs: Optional[int], unroll: Optional[str], subtasks: Optional[int], subtask: Optional[int],

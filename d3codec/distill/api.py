@@ -22,7 +22,8 @@ from d3codec.distill.cost import Estimate, cached_experts, estimate_single, rend
 from d3codec.distill.distiller import (OBJECTIVES, DistillConfig, Distiller, budget_latent_cap, cpu_defaults,
                                        default_fit_steps, fit_latent_cap, images_per_class)
 from d3codec.distill.experts import ExpertConfig, ensure_experts
-from d3codec.distill.labels import MIN_TEACHER_STEPS, LabelStorage, resolve_labels, store_labels, teacher_labels
+from d3codec.distill.labels import (AUTO, MIN_TEACHER_STEPS, LabelStorage, resolve_labels, store_labels,
+                                   teacher_labels)
 from d3codec.distill.loop import run_loop
 from d3codec.distill.paper import compare_with_paper
 from d3codec.distill.planner import Plan, plan_budget, store_decoder_state, store_priors
@@ -53,7 +54,7 @@ class EncodeOptions:
     weight_dtype: str = "I8"
     latent_dtype: str = "I8"
     labels: str = "auto"                 # auto | soft | hard
-    own_class_weight: float = 0.0        # soft labels: weight of the component's own class in the mix
+    own_class_weight: Union[float, str] = "auto"  # soft labels: own class's weight in the mix, or auto
     latents_per_class: Optional[int] = None
     latent_dim: Optional[int] = None
     width: Optional[int] = None
@@ -128,18 +129,20 @@ def _provenance(options: EncodeOptions, cfg: DistillConfig, classes: Sequence[in
                             "compute": compute_record(options.device)}
     if options.classes is not None:
         prov["classes"] = [int(c) for c in classes]
-    if options.own_class_weight:
+    if options.own_class_weight:  # auto comes out again where the plan's labels are hard (`plan_for`)
         prov["own_class_weight"] = options.own_class_weight
     prov.update(options.extra_provenance)
     return prov
 
 
-def with_own_class(storage: LabelStorage, weight: float, why_hard: str = "") -> LabelStorage:
+def with_own_class(storage: LabelStorage, weight: Union[float, str], why_hard: str = "") -> LabelStorage:
     """`storage` with the own-class weight of `--own-class-weight` (the bytes are the same whatever
-    the weight, so the plan does not change); a weight on hard labels is an error (`why_hard` says
-    why they are hard, where the user did not ask for it)."""
-    if not 0.0 <= weight <= 1.0:
-        raise ConfigError(f"--own-class-weight must be in 0..1, got {weight}")
+    the weight, so the plan does not change); `auto` goes to soft labels only; a weight on hard
+    labels is an error (`why_hard` says why they are hard, where the user did not ask for it)."""
+    if weight == AUTO:
+        return storage if storage.kind == "hard" else replace(storage, own=AUTO)
+    if not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"--own-class-weight must be auto or in 0..1, got {weight!r}")
     if not weight:
         return storage
     if storage.kind == "hard":
@@ -219,6 +222,8 @@ def plan_for(dataset: Any, budget: Union[str, int, Budget], options: EncodeOptio
             plan, prov = plan_with(cfg)
     why = (f" (--labels auto is hard here: the teacher's {experts[1]} epoch(s) are under {MIN_TEACHER_STEPS:,} SGD "
            "steps)" if options.labels == "auto" and labels == "hard" else "")
+    if plan.labels.kind == "hard" and prov.get("own_class_weight") == AUTO:
+        del prov["own_class_weight"]  # only shrinks the planned header
     return replace(plan, labels=with_own_class(plan.labels, options.own_class_weight, why)), cfg, real, prov
 
 

@@ -27,6 +27,10 @@ def test_an_encode_off_a_terminal_writes_start_and_end_lines_for_every_long_step
     # Soft labels: the log says how well the teacher knows the components it labels.
     assert re.search(r"^labels: the teacher's top class is the component's own for [\d.]+% of the [\d,]+ components",
                      err, re.M), err
+    assert re.search(r"^labels: own-class weight (0\.8|0) \(auto: the teacher's agreement is", err, re.M), err
+    from d3codec.format.io import load
+
+    assert load(str(tmp_path / "out.d3")).provenance["own_class_weight"] == "auto"
     for step, unit, total in [("decoding many.npz", "img", 300), ("expert 0", "ep", 1), ("fit", "it", 3),
                               ("objective mmd", "it", 2)]:
         start = re.search(rf"^{re.escape(step)}: 0/{total:,} {unit} \(0\.0%\), elapsed", err, re.M)
@@ -40,6 +44,10 @@ def test_quiet_encode_writes_no_progress(tmp_path, monkeypatch) -> None:
     res = _encode(tmp_path, many_classes_npz(tmp_path / "many.npz", classes=10), "-q")
     assert res.exit_code == 0, res.output
     assert not re.search(r"^(fit|objective|expert|decoding)\b.*elapsed", res.stderr, re.M), res.stderr
+    from d3codec.format.io import load
+
+    d3 = load(str(tmp_path / "out.d3"))   # hard labels (a 1-epoch teacher): the auto own-class weight is not recorded
+    assert d3.labels.kind == "hard" and "own_class_weight" not in d3.provenance
 
 
 def test_the_fit_progress_starts_after_the_pca_start_of_the_codes(tmp_path, monkeypatch) -> None:
@@ -75,6 +83,10 @@ def test_own_class_weight_reaches_the_file_and_refuses_hard_labels(tmp_path) -> 
                                    "--own-class-weight", "0.5", "--cache-dir", str(tmp_path / "cache")])
     assert bad.exit_code != 0 and "--own-class-weight" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "h.d3").exists()
+    for value in ("2", "often"):
+        out = CliRunner().invoke(cli, ["encode", data, "--budget", "1ipc", "-o", str(tmp_path / "h.d3"),
+                                       "--own-class-weight", value])
+        assert out.exit_code != 0 and "neither auto nor a number in 0..1" in out.output, out.output
     auto = CliRunner().invoke(cli, ["encode", data, "--budget", "1ipc", "--dry-run", "--expert-epochs", "1",
                                     "--own-class-weight", "0.5", "--cache-dir", str(tmp_path / "cache")])
     assert auto.exit_code != 0 and "--labels auto is hard here" in auto.output, auto.output

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from d3codec.distill.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from d3codec.distill.labels import (MIN_TEACHER_STEPS, LabelStorage, index_dtype, mix_own_class, resolve_labels,
-                                   store_labels, teacher_agreement, teacher_labels, teacher_probs_of_batches)
+from d3codec.distill.labels import (AUTO_OWN_AGREEMENT, AUTO_OWN_WEIGHT, MIN_TEACHER_STEPS, LabelStorage, index_dtype,
+                                   mix_own_class, own_weight, resolve_labels, store_labels, teacher_agreement,
+                                   teacher_labels, teacher_probs_of_batches)
 from d3codec.errors import ConfigError
 
 
@@ -77,6 +78,37 @@ def test_teacher_labels_store_the_mix_and_log_the_teacher_before_it() -> None:
     assert torch.allclose(probs[2, :, 0], torch.full((2,), 0.05), atol=1 / 255)
     assert "own class 0.250" in lines[0]                  # the teacher's own view: uniform
     assert "0.8 x own class + 0.2 x teacher" in LabelStorage("dense", own=0.8).describe()
+
+
+def _agreeing(share: float, classes: int = 4, k: int = 20) -> torch.Tensor:
+    """Probabilities whose top class is the component's own for `share` of each class's components."""
+    p = torch.full((classes, k, classes), 0.1)
+    own = round(share * k)
+    for c in range(classes):
+        p[c, :own, c] = 0.7
+        p[c, own:, (c + 1) % classes] = 0.7
+    return p / p.sum(-1, keepdim=True)
+
+
+def test_auto_own_weight_follows_the_teachers_agreement() -> None:
+    """auto: the own class mixed in for a teacher that hardly knows the components, not for one that does."""
+    assert own_weight("auto", _agreeing(0.10)) == AUTO_OWN_WEIGHT == 0.8
+    assert own_weight("auto", _agreeing(AUTO_OWN_AGREEMENT - 0.05)) == AUTO_OWN_WEIGHT
+    assert own_weight("auto", _agreeing(AUTO_OWN_AGREEMENT)) == 0.0
+    assert own_weight("auto", _agreeing(0.45)) == 0.0
+    assert own_weight(0.3, _agreeing(0.10)) == 0.3 and own_weight(0.0, _agreeing(0.10)) == 0.0
+
+
+def test_teacher_labels_with_auto_weight_mix_only_a_weak_teachers_labels() -> None:
+    weak, strong = _agreeing(0.10), _agreeing(0.60)
+    for probs, weight in ((weak, 0.8), (strong, 0.0)):
+        batches = [torch.arange(80).float().view(80, 1)]   # a teacher that returns the fixed log-probabilities
+        lines: list[str] = []
+        teacher = lambda x, p=probs: p.reshape(80, 4).log()[x[:, 0].long()]  # noqa: E731
+        lab = teacher_labels(teacher, batches, 4, 20, LabelStorage("dense", dtype="F16", own="auto"), lines.append)
+        assert torch.allclose(lab.probs.dequantize().float(), mix_own_class(probs, weight), atol=1e-3)
+        assert f"own-class weight {weight:g} (auto" in lines[1], lines
+    assert "if the teacher agrees under 25%" in LabelStorage("dense", own="auto").describe()
 
 
 def test_checkpoint_round_trip_with_optimizer_state(tmp_path) -> None:

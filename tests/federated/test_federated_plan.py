@@ -218,7 +218,9 @@ def test_own_class_weight_travels_to_the_merge_in_the_parts_record(digits) -> No
     assert fplan.labels.own == 0.8 and fplan.merged_provenance["own_class_weight"] == 0.8
     assert LabelStorage(**fplan.record(0)["labels"]).own == 0.8
     assert fplan.subtask_options(0).own_class_weight == 0.0 and fplan.subtask_options(0).labels == "hard"
-    assert plan_federated(digits, "10ipc", EncodeOptions(iterations=2), 2).run != fplan.run
+    default = plan_federated(digits, "10ipc", EncodeOptions(iterations=2), 2)
+    assert default.run != fplan.run and default.labels.own == "auto"   # auto: picked at the merge, from the teacher
+    assert LabelStorage(**default.record(0)["labels"]).own == "auto" == default.merged_provenance["own_class_weight"]
     with pytest.raises(ConfigError, match="own-class-weight"):
         plan_federated(digits, "10ipc", EncodeOptions(iterations=2, labels="hard", own_class_weight=0.8), 2)
 
