@@ -94,9 +94,8 @@ class FederatedPlan:
                  f"merged file {'at most' if self.guaranteed else 'estimated at'} {self.bound:,} bytes "
                  f"({100.0 * self.bound / b.bytes:.1f}% of budget): "
                  + ", ".join(f"{k} {v:,}" for k, v in self.breakdown.items()),
-                 f"labels {self.labels.describe()}"
-                 + (f" from a teacher over all classes ({self.teacher['experts']} expert x "
-                    f"{self.teacher['epochs']} epochs)" if self.teacher else ""),
+                 "labels " + (f"from a teacher over all classes ({self.teacher['experts']} expert x "
+                              f"{self.teacher['epochs']} epochs): " if self.teacher else "") + self.labels.describe(),
                  f"each subtask: at most {self.share:,} bytes (a part's header and dataset reference are held once "
                  "in the merged file)"]
         for i, (g, plan) in enumerate(zip(self.groups, self.plans)):
