@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import click
 
-from d3codec._malloc import keep_freed_memory
+from d3codec._malloc import keep_freed_memory, use_huge_pages
 from d3codec._paths import check_output_file
 from d3codec._version import __version__
 from d3codec.errors import ConfigError, D3Error
@@ -52,6 +52,7 @@ def cli() -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     keep_freed_memory()
+    use_huge_pages()  # before anything imports torch
     cli.main(args=argv, prog_name="d3codec")
 
 
