@@ -1,5 +1,6 @@
 """Merge federated parts into one `.d3` file: every decoder, the class-to-decoder map, all priors,
-then soft labels over all classes from one teacher (the paper's global labelling step).
+then soft labels over all classes from one teacher (the paper's global labelling step), mixed with
+each component's own class as the parts record (`--own-class-weight`, auto by default).
 
 A part is a valid `.d3` file of one subtask's classes whose provenance holds a `federated` record
 (written by `distill.federated`): the run key (a hash of every setting that shapes the result),
@@ -254,8 +255,8 @@ def global_labels(d3: D3File, storage: LabelStorage, teacher_spec: dict[str, Any
                   device: str = "cpu", cache_dir: Optional[str] = None, progress: bool = False,
                   log: Optional[Callable[[str], None]] = None) -> Labels:
     """Soft labels over all classes: a teacher trained on the whole dataset (cached by the experts
-    API, trained now if missing) applied to every component's mean image; `log` gets how well the
-    teacher knows the components."""
+    API, trained now if missing) applied to every component's mean image, mixed with the own class
+    as `storage` says; `log` gets how well the teacher knows the components and an auto weight."""
     if dataset.fingerprint != d3.metadata.fingerprint:
         raise FingerprintMismatchError(f"dataset {dataset.name} (fingerprint {dataset.fingerprint}) is not the one the "
                                        f"parts were encoded from ({d3.metadata.fingerprint}); pass the original data "
