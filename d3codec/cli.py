@@ -430,9 +430,9 @@ def merge_cmd(parts: tuple[str, ...], output: str, spec: Optional[str], data_dir
     """Merge the part files of `encode --subtasks K --subtask i` jobs into one .d3 file: all decoders,
     the class-to-decoder map, all priors, then soft labels from a teacher over all classes (trained
     on the full data if none is cached), mixed with each component's own class as the encode's
-    --own-class-weight said (auto: only for a teacher that hardly knows them). Refuses parts that do not fit together, naming the part:
-    other data, other format version, other run settings, overlapping or missing classes, or a part
-    over its share of the budget."""
+    --own-class-weight said (auto: only for a teacher that hardly knows them). Refuses parts that
+    do not fit together, naming the part: other data, other format version, other run settings,
+    overlapping or missing classes, or a part over its share of the budget."""
     from d3codec.distill.merge import DataSpec, merge_parts
 
     if not spec and (data_dir or resolution or cache_dir):
