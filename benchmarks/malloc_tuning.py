@@ -14,27 +14,16 @@ import os
 import subprocess
 import sys
 
+from _train_step import STEP
+
 CHILD = r"""
 import json, resource, sys, time
 from d3codec._malloc import keep_freed_memory
 keep_freed_memory()
 import torch
-from d3codec.models.convnet import ConvNet
-from d3codec.models.registry import build_decoder
 torch.set_num_threads(int(sys.argv[2]))
-torch.manual_seed(0)
-if sys.argv[1] == "decoder":
-    net = build_decoder("small", 1, {"channels": 3, "image_size": 64, "latent_dim": 256, "width": 128, "norm": "batch"})
-    x, y = torch.randn(256, 256), torch.randn(256, 3, 64, 64)
-    loss = lambda: (net(x) - y).pow(2).mean()
-    opt = torch.optim.Adam(net.parameters())
-else:
-    net = ConvNet(3, 100, 64)
-    x, y = torch.randn(128, 3, 64, 64), torch.randint(0, 100, (128,))
-    loss = lambda: torch.nn.functional.cross_entropy(net(x), y)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-def step():
-    opt.zero_grad(); loss().backward(); opt.step()
+TASK, CONVNET_BATCH = sys.argv[1], 128
+""" + STEP + r"""
 step()
 r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 for _ in range(int(sys.argv[3])):

@@ -14,26 +14,15 @@ import os
 import subprocess
 import sys
 
+from _train_step import STEP
+
 CHILD = r"""
 import json, sys, time
 import torch
-from d3codec.models.convnet import ConvNet
-from d3codec.models.registry import build_decoder
-task, threads, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+TASK, threads, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
-torch.manual_seed(0)
-if task == "decoder":
-    net = build_decoder("small", 1, {"channels": 3, "image_size": 64, "latent_dim": 256, "width": 128, "norm": "batch"})
-    x, y = torch.randn(256, 256), torch.randn(256, 3, 64, 64)
-    loss = lambda: (net(x) - y).pow(2).mean()
-    opt = torch.optim.Adam(net.parameters())
-else:
-    net = ConvNet(3, 100, 64)
-    x, y = torch.randn(256, 3, 64, 64), torch.randint(0, 100, (256,))
-    loss = lambda: torch.nn.functional.cross_entropy(net(x), y)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-def step():
-    opt.zero_grad(); loss().backward(); opt.step()
+CONVNET_BATCH = 256
+""" + STEP + r"""
 step()
 t = time.perf_counter()
 for _ in range(steps):
